@@ -1,0 +1,129 @@
+"""The Orion-MoE decoder: embeddings -> n_layers blocks -> final norm -> logits.
+
+    x = embed(idx)                                   # (B, T, dim)
+    for each block:
+        x = x + attention(norm1(x))                  # tokens exchange information
+        x = x + moe(norm2(x))                        # each token is processed by its top_k experts
+    logits = lm_head(norm(x))                        # (B, T, vocab_size), float32
+
+"Pre-norm": each sub-layer reads a normalised copy of x and adds its result back, so the
+residual stream x carries information from the embedding to the head unchanged.
+
+Normalisation comes in two flavours (config.norm_type):
+  * "layernorm": subtract the mean, divide by the standard deviation, then scale and
+    shift (weight and bias): Orion-14B's choice;
+  * "rmsnorm": divide by the root mean square, then scale (weight only): Mixtral's choice.
+Which one the released Orion-MoE8x7B uses is decided from its weights (docs/09_loading.md).
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from .attention import Attention, KVCache, attention_mask
+from .config import OrionConfig
+from .moe import MoE
+from .rope import rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()  # the mean of squares in float32, also for bf16 models
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: OrionConfig) -> nn.Module:
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(config.dim, eps=config.norm_eps)
+    return RMSNorm(config.dim, eps=config.norm_eps)
+
+
+class Block(nn.Module):
+    def __init__(self, config: OrionConfig):
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.moe_norm = make_norm(config)
+        self.moe = MoE(config)
+
+    def forward(self, x, cos, sin, mask, cache, start_pos):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start_pos)
+        y, probs, experts = self.moe(self.moe_norm(x))
+        return x + y, probs, experts
+
+
+class Orion(nn.Module):
+    def __init__(self, config: OrionConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.init_rope()
+        self.init_weights()
+
+    def init_rope(self, device=None):
+        """Compute the RoPE tables (not saved in checkpoints). Loaders that build the
+        model on the meta device call this again with the real device."""
+        c = self.config
+        cos, sin = rope_cos_sin(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        """Random weights for training from scratch: N(0, std) everywhere, with the two
+        projections that write into the residual stream (attention's wo and the experts'
+        w2) scaled down by sqrt(2 n_layers) so the stream's variance does not grow with depth.
+        Norms start as the identity (weight 1, bias 0)."""
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, mean=0.0, std=out_std if name.endswith(("wo.weight", "w2")) else std)
+
+    def new_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
+        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens."""
+        c = self.config
+        if max_len > c.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {c.max_seq_len}")
+        p = self.lm_head.weight
+        return [KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, p.dtype, p.device) for _ in range(c.n_layers)]
+
+    def forward(self, idx, cache=None, start_pos: int = 0, pad_mask=None, return_router: bool = False):
+        """idx (B, T) int64 token ids -> logits (B, T, vocab_size) float32.
+
+        cache, start_pos: with a cache from new_cache(), idx holds the tokens at positions
+            start_pos .. start_pos + T - 1 and attends to the cached ones before them.
+        pad_mask (B, start_pos + T) bool, True at real tokens: for left-padded batches.
+            Each row's positions count its real tokens only, so padding changes nothing.
+        return_router: also return, per layer, the router's (probs, experts), for the
+            load-balancing loss (moe.load_balancing_loss) and for inspecting routing.
+        """
+        B, T = idx.shape
+        end = start_pos + T
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if pad_mask is None:
+            positions = torch.arange(start_pos, end, device=idx.device).expand(B, T)
+        else:
+            positions = (pad_mask[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim)
+        mask = attention_mask(T, start_pos, pad_mask, device=idx.device)
+
+        x = self.embed(idx)  # (B, T, dim)
+        routers = []
+        for i, block in enumerate(self.layers):
+            x, probs, experts = block(x, cos, sin, mask, None if cache is None else cache[i], start_pos)
+            routers.append((probs, experts))
+        logits = self.lm_head(self.norm(x)).float()  # (B, T, vocab_size)
+        return (logits, routers) if return_router else logits
