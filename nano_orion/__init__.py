@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_hf
+from .checkpoint import CheckpointError, is_nano_checkpoint, load_hf, load_nano, save
 from .config import OrionConfig
 from .model import Orion
 from .sampler import generate
@@ -12,13 +12,19 @@ from .tokenizer import Tokenizer
 
 
 def load(path, device="cpu", dtype=torch.float32):
-    """Load a checkpoint folder -> (model, tokenizer). tokenizer is None if the folder has no tokenizer.model."""
+    """Load a checkpoint folder, nano_orion's own or the released Hugging Face layout, -> (model, tokenizer).
+
+    tokenizer is None if the folder has no tokenizer.model.
+    """
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path}: no config.json; point at a checkpoint folder")
-    model = load_hf(path, device=device, dtype=dtype)
+    if is_nano_checkpoint(path):
+        model = load_nano(path, device=device, dtype=dtype)
+    else:
+        model = load_hf(path, device=device, dtype=dtype)
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.model").exists() else None
     return model, tokenizer
 
 
-__all__ = ["OrionConfig", "Orion", "load", "generate", "Tokenizer", "CheckpointError"]
+__all__ = ["OrionConfig", "Orion", "load", "save", "generate", "Tokenizer", "CheckpointError"]

@@ -1,4 +1,14 @@
-"""Loading weights: the released Hugging Face layout into an `Orion` model.
+"""Saving and loading weights: nano_orion's own checkpoints and the released layout.
+
+nano_orion's checkpoint is a folder:
+
+    config.json                     {"nano_orion": 1, "config": OrionConfig.to_dict()}
+    model.safetensors               the model's state_dict, experts stacked per layer, or
+    model-0000K-of-0000N.safetensors + model.safetensors.index.json when sharded
+    tokenizer.model, tokenizer_config.json, generation_config.json   (copied when known)
+
+It loads without copying: the model is built on the meta device and its parameters are
+pointed at the memory-mapped safetensors (``load_state_dict(assign=True)``).
 
 The released Orion-MoE8x7B folder holds ``config.json`` and the weights, either pickled
 PyTorch files (``pytorch_model*.bin``) or safetensors (``model*.safetensors``), split into
@@ -22,8 +32,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from safetensors.torch import save_file
+
 from .config import OrionConfig
 from .model import Orion
+
+FORMAT_VERSION = 1
 
 # Released name -> nano_orion name. Expert tensors carry their expert index as a second group.
 _HF_TO_NANO = [
@@ -123,4 +137,61 @@ def load_hf(folder, device="cpu", dtype=torch.float32) -> Orion:
     missing = sorted(f"{n}[{e}]" if e is not None else n for n, e in expected - filled)
     if missing:
         raise CheckpointError(f"{folder}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+    return model.eval()
+
+
+# ---- nano_orion's own format -------------------------------------------------------------
+
+
+def is_nano_checkpoint(folder) -> bool:
+    config = Path(folder) / "config.json"
+    return config.exists() and "nano_orion" in json.loads(config.read_text())
+
+
+def shard_names(n_shards: int) -> list[str]:
+    if n_shards == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
+
+
+def save(model: Orion, folder, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `model` as a nano_orion checkpoint into `folder` (created if needed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, size = [{}], 0
+    for name, tensor in model.state_dict().items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().contiguous()
+        size += nbytes
+    names = shard_names(len(shards))
+    for name, shard in zip(names, shards):
+        save_file(shard, folder / name, metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {"nano_orion": FORMAT_VERSION, "config": model.config.to_dict()}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+@torch.no_grad()
+def load_nano(folder, device="cpu", dtype=torch.float32) -> Orion:
+    """Build an Orion model from a nano_orion checkpoint folder, without copying weights
+    that are already of the requested dtype on the CPU."""
+    folder = Path(folder)
+    config = OrionConfig.from_dict(json.loads((folder / "config.json").read_text())["config"])
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state = {}
+    for file in files:
+        state.update(read_weight_file(folder / file))
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        model = Orion(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_rope(device)
     return model.eval()
