@@ -64,6 +64,28 @@ class OrionConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    # ---- sizes, computed from the shape ----------------------------------------------
+
+    def n_params(self) -> int:
+        """Every parameter of the model (equals the sum of its tensors' sizes)."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)  # wq, wo; wk, wv
+        router = self.dim * self.n_experts
+        experts = self.n_experts * 3 * self.dim * self.ffn_dim  # w1, w3, w2
+        norm = self.dim * (2 if self.norm_type == "layernorm" else 1)  # weight (+ bias)
+        per_layer = attn + router + experts + 2 * norm
+        return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + norm  # + embed, lm_head, final norm
+
+    def n_active_params(self) -> int:
+        """Weights one token multiplies through: attention, router and top_k experts per layer,
+        plus lm_head (the embedding is a lookup, the norms are negligible)."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        per_layer = attn + self.dim * self.n_experts + self.top_k * 3 * self.dim * self.ffn_dim
+        return self.n_layers * per_layer + self.vocab_size * self.dim
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        """Keys and values of one token in every layer (2 bytes each in fp16/bf16)."""
+        return self.n_layers * 2 * self.n_kv_heads * self.head_dim * bytes_per_value
+
     # ---- presets -------------------------------------------------------------------
 
     @classmethod
@@ -172,7 +194,7 @@ _HF_TEMPLATE = {
 
 PRESETS = {
     "orion-moe-8x7b": OrionConfig(),
-    # ~4.6 M parameters (1.6 M active per token): a few hundred steps on 2 CPU cores show learning.
+    # 4.4 M parameters (1.5 M active per token): a few hundred steps on 2 CPU cores show learning.
     "toy": OrionConfig(
         vocab_size=4096,
         dim=128,
