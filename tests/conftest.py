@@ -1,0 +1,59 @@
+"""Shared test helpers: the fixture checkpoints and random small models."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from nano_orion import Orion, OrionConfig
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_NAMES = ["orion-mini-layernorm", "orion-mini-rmsnorm"]
+
+
+def reference(name: str) -> dict[str, torch.Tensor]:
+    """Outputs of an independent implementation (transformers) on the fixture's weights."""
+    return load_file(FIXTURES / name / "reference.safetensors")
+
+
+@st.composite
+def small_configs(draw, norm_type=None, max_len=32):
+    """Random small configurations: MHA, GQA and MQA; 1..6 experts; top_k 1..3."""
+    n_kv_heads = draw(st.sampled_from([1, 2, 4]))
+    n_heads = n_kv_heads * draw(st.sampled_from([1, 2, 3]))
+    head_dim = draw(st.sampled_from([4, 8, 16]))
+    n_experts = draw(st.integers(1, 6))
+    return OrionConfig(
+        vocab_size=draw(st.integers(8, 300)),
+        dim=n_heads * head_dim,
+        n_layers=draw(st.integers(1, 3)),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        ffn_dim=draw(st.sampled_from([8, 24, 40])),
+        n_experts=n_experts,
+        top_k=draw(st.integers(1, min(3, n_experts))),
+        rope_theta=draw(st.sampled_from([10_000.0, 1_000_000.0])),
+        norm_type=norm_type or draw(st.sampled_from(["layernorm", "rmsnorm"])),
+        max_seq_len=max_len,
+    )
+
+
+def random_model(config: OrionConfig, seed: int = 0) -> Orion:
+    """A model with random weights; the router weights are wide so that the top-k choice
+    is never within float noise of a tie (two implementations could break it differently)."""
+    torch.manual_seed(seed)
+    model = Orion(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # norms: not the identity, so that they are really tested
+                p.normal_(1.0, 0.2)
+        for block in model.layers:
+            block.moe.router.weight.normal_(0.0, 1.0)
+    return model.eval()
+
+
+@pytest.fixture(params=FIXTURE_NAMES)
+def fixture_name(request):
+    return request.param
