@@ -126,10 +126,17 @@ class OrionConfig:
         missing = [k for k in _HF_KEYS.values() if k not in src]
         if missing:
             raise ValueError(f"config.json lacks the keys {missing}")
-        if src.get("rope_scaling"):
-            raise ValueError(f"rope_scaling {src['rope_scaling']!r} is not supported (the released model has none)")
-        if src.get("sliding_window"):
-            raise ValueError(f"sliding_window {src['sliding_window']!r} is not supported (the released model has none)")
+        implemented = {  # what nano_orion implements, as in the released model
+            "rope_scaling": None,
+            "sliding_window": None,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "tie_word_embeddings": False,
+            "head_dim": src["hidden_size"] // src["num_attention_heads"],
+        }
+        for key, supported in implemented.items():
+            if src.get(key) not in (None, supported):
+                raise ValueError(f"config.json has {key}={src[key]!r}; nano_orion implements only {supported!r}, as in the released model")
         values = {ours: src[theirs] for ours, theirs in _HF_KEYS.items()}
         values["n_kv_heads"] = src.get("num_key_value_heads") or values["n_heads"]
         values["max_seq_len"] = src.get("max_position_embeddings", cls.max_seq_len)

@@ -64,3 +64,7 @@ def test_bad_configs_are_refused_with_a_reason():
     raw = json.loads((FIXTURES / "orion-mini-rmsnorm" / "config.json").read_text())
     with pytest.raises(ValueError, match="hidden_size"):
         OrionConfig.from_hf_config({k: v for k, v in raw.items() if k != "hidden_size"})
+    for key, value in [("hidden_act", "gelu"), ("attention_bias", True), ("tie_word_embeddings", True), ("head_dim", 32)]:
+        with pytest.raises(ValueError, match=key):
+            OrionConfig.from_hf_config({**raw, key: value})
+    assert OrionConfig.from_hf_config({**raw, "head_dim": 16}).head_dim == 16  # consistent: accepted
