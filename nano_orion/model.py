@@ -87,7 +87,7 @@ class Orion(nn.Module):
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
             if "norm" in name:
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+                nn.init.constant_(p, 1.0 if name.endswith("weight") else 0.0)
             else:
                 nn.init.normal_(p, mean=0.0, std=out_std if name.endswith(("wo.weight", "w2")) else std)
 
