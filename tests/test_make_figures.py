@@ -1,0 +1,94 @@
+"""docs/make_figures.py reads train.py's log.jsonl correctly, rejects bad logs clearly, and draws.
+
+The logs here are synthetic, written to a temporary folder: they test the reader and the
+plots, and their figures are never kept.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("make_figures", ROOT / "docs" / "make_figures.py")
+make_figures = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(make_figures)
+
+
+def train_record(step, load):
+    return {"kind": "train", "step": step, "tokens": 1024 * step, "loss": 8.0 - step / 10, "aux_loss": 2.1,
+            "lr": 3e-4, "tokens_per_s": 5000.0, "mfu": 0.01, "expert_load": load}
+
+
+def write_log(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_read_train_log_splits_sorts_and_normalises(tmp_path):
+    # 2 layers, 4 experts; counts in one record, fractions in the other, steps out of order.
+    log = write_log(tmp_path / "log.jsonl", [
+        train_record(20, [[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]]),
+        {"kind": "eval", "step": 10, "val_loss": 7.5},
+        train_record(10, [[6, 2, 0, 0], [1, 1, 1, 1]]),
+    ])
+    train, evals = make_figures.read_train_log(log)
+    assert [r["step"] for r in train] == [10, 20] and evals == [{"kind": "eval", "step": 10, "val_loss": 7.5}]
+    steps, shares = make_figures.expert_shares(train)
+    assert steps.tolist() == [10, 20]
+    expected = torch.tensor([[[0.75, 0.25, 0, 0], [0.25] * 4], [[0.25] * 4, [0.5, 0.5, 0, 0]]], dtype=torch.float64)
+    torch.testing.assert_close(shares, expected)
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("{not json", "not JSON"),
+    ('{"kind": "train", "step": 1}', "lacks"),
+    ('{"kind": "eval", "step": 1}', "lacks ['val_loss']"),
+    ('{"kind": "other"}', "kind must be"),
+])
+def test_read_train_log_names_the_bad_line(tmp_path, line, problem):
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps(train_record(1, [[1, 1]])) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=rf"log.jsonl:2: .*{problem}".replace("[", r"\[").replace("]", r"\]")):
+        make_figures.read_train_log(log)
+
+
+def test_read_train_log_needs_train_records(tmp_path):
+    log = write_log(tmp_path / "log.jsonl", [{"kind": "eval", "step": 1, "val_loss": 3.0}])
+    with pytest.raises(ValueError, match="no train records"):
+        make_figures.read_train_log(log)
+
+
+def test_route_sentence_matches_the_models_own_routing():
+    model, tokenizer = make_figures.nano_orion.load(ROOT / "tests/fixtures/orion-mini-rmsnorm")
+    pieces, routers = make_figures.route_sentence(model, tokenizer, "今天天气很好。")
+    assert "".join(pieces).replace("▁", " ").strip().startswith("<0xE4>")  # byte fallback for 今
+    assert len(routers) == model.config.n_layers
+    probs, experts = routers[0]
+    assert probs.shape == (len(pieces), model.config.n_experts) and experts.shape == (len(pieces), model.config.top_k)
+    assert torch.equal(experts, probs.topk(model.config.top_k, dim=-1).indices)
+
+
+def test_main_draws_every_figure_and_skips_training_figures_without_a_log(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figures"
+    make_figures.main(["--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["attention_masks.png", "rope_angles.png", "router.png"]
+    assert "skipping expert_load.png and loss.png" in capsys.readouterr().out
+
+    g = torch.Generator().manual_seed(0)
+    records = [train_record(s, torch.rand(4, 8, generator=g).tolist()) for s in range(0, 50, 5)]
+    log = write_log(tmp_path / "log.jsonl", records + [{"kind": "eval", "step": 45, "val_loss": 3.5}])
+    make_figures.main(["--out", str(out), "--train-log", str(log)])
+    for name in ("expert_load.png", "loss.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_main_rejects_a_missing_log_before_drawing(tmp_path, capsys):
+    out = tmp_path / "figures"
+    with pytest.raises(SystemExit):
+        make_figures.main(["--out", str(out), "--train-log", str(tmp_path / "nope.jsonl")])
+    assert "no such file" in capsys.readouterr().err
+    assert not out.exists()
