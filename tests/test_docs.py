@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -39,8 +40,17 @@ def test_python_blocks_finds_runnable_blocks_and_skips_no_run():
     assert python_blocks(text) == [(3, "x = 1\n"), (12, "y = x\n")]
 
 
+@pytest.fixture
+def one_thread():
+    """The snippets' models are tiny: one thread runs them fastest, and leaves the other cores alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_snippets_run(page, monkeypatch):
+def test_snippets_run(page, monkeypatch, one_thread):
     blocks = python_blocks(page.read_text())
     if page in WALKTHROUGHS:
         assert blocks, f"{page.name} has no runnable python block"
