@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test clean
+.PHONY: install test clean figures
 
 install: $(VENV)/.installed
 
@@ -21,3 +21,12 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# make figures  - draw docs/figures/*.png with docs/make_figures.py (installs the optional `docs` extra, matplotlib)
+# CHECKPOINT: the checkpoint folder whose router is drawn; TRAIN_LOG: train.py's OUT_DIR/log.jsonl for the
+# loss and expert-load figures (skipped when empty).
+CHECKPOINT ?= tests/fixtures/orion-mini-rmsnorm
+TRAIN_LOG ?=
+figures: install
+	$(PY) -m pip install -q -e ".[docs]"
+	$(PY) docs/make_figures.py --checkpoint $(CHECKPOINT) $(if $(TRAIN_LOG),--train-log $(TRAIN_LOG))

@@ -78,12 +78,17 @@ def test_main_draws_every_figure_and_skips_training_figures_without_a_log(tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["attention_masks.png", "rope_angles.png", "router.png"]
     assert "skipping expert_load.png and loss.png" in capsys.readouterr().out
 
+
+
+def test_training_figures_draw_from_a_log(tmp_path):
+    pytest.importorskip("matplotlib")
     g = torch.Generator().manual_seed(0)
     records = [train_record(s, torch.rand(4, 8, generator=g).tolist()) for s in range(0, 50, 5)]
-    log = write_log(tmp_path / "log.jsonl", records + [{"kind": "eval", "step": 45, "val_loss": 3.5}])
-    make_figures.main(["--out", str(out), "--train-log", str(log)])
+    train, evals = make_figures.read_train_log(write_log(tmp_path / "log.jsonl", records + [{"kind": "eval", "step": 45, "val_loss": 3.5}]))
+    make_figures.plot_expert_load(tmp_path / "expert_load.png", train)
+    make_figures.plot_loss(tmp_path / "loss.png", train, evals)
     for name in ("expert_load.png", "loss.png"):
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_main_rejects_a_missing_log_before_drawing(tmp_path, capsys):
