@@ -164,14 +164,13 @@ def printable(piece: str, charmap) -> str:
 
 
 def plot_router(out: Path, checkpoint: Path, layers=None):
-    """Router probabilities (colour) and the top_k chosen experts (dots) for each token of SENTENCES."""
+    """Router probabilities (colour) and the top_k chosen experts (dots) for each token of SENTENCES.
+    The checkpoint folder must hold the tokenizer.model the model was trained with."""
     plt = pyplot()
     from matplotlib import font_manager, ft2font
 
     charmap = ft2font.FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap()
     model, tokenizer = nano_orion.load(checkpoint)
-    if tokenizer is None:
-        sys.exit(f"{checkpoint}: no tokenizer.model; the router figure needs one to encode its sentences")
     n_layers = model.config.n_layers
     layers = sorted({0, n_layers - 1}) if layers is None else layers
     runs = {lang: route_sentence(model, tokenizer, text) for lang, text in SENTENCES.items()}
@@ -254,6 +253,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (args.checkpoint / "config.json").exists():
         parser.error(f"--checkpoint {args.checkpoint}: no config.json there; point at a checkpoint folder")
+    if not (args.checkpoint / "tokenizer.model").exists():
+        parser.error(f"--checkpoint {args.checkpoint}: no tokenizer.model there; router.png needs it to encode "
+                     "its sentences (copy the tokenizer the model was trained with into the folder)")
     if args.train_log is not None and not args.train_log.is_file():
         parser.error(f"--train-log {args.train_log}: no such file; point at train.py's OUT_DIR/log.jsonl")
     train = evals = None

@@ -91,6 +91,17 @@ def test_training_figures_draw_from_a_log(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_main_rejects_a_checkpoint_without_tokenizer_before_drawing(tmp_path, capsys):
+    checkpoint = tmp_path / "no-tokenizer"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text((ROOT / "tests/fixtures/orion-mini-rmsnorm/config.json").read_text())
+    out = tmp_path / "figures"
+    with pytest.raises(SystemExit):
+        make_figures.main(["--out", str(out), "--checkpoint", str(checkpoint)])
+    assert "no tokenizer.model" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_main_rejects_a_missing_log_before_drawing(tmp_path, capsys):
     out = tmp_path / "figures"
     with pytest.raises(SystemExit):
