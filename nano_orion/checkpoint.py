@@ -62,7 +62,7 @@ class CheckpointError(Exception):
 
 
 def gb(n_bytes: float) -> str:
-    return f"{n_bytes / 1e9:.1f} GB"
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
 
 
 # ---- names: released layout <-> nano_orion ------------------------------------------------
@@ -409,7 +409,8 @@ def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int 
 
 def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, force: bool = False) -> None:
     """nano_orion checkpoint in `src` -> the released layout in `out` (safetensors, same tensor
-    names and config.json keys as the original, plus our "norm_type"), one shard at a time."""
+    names and config.json keys as the original, plus our "norm_type"), one shard at a time.
+    An RMSNorm model gets model_type "mixtral", so transformers' MixtralForCausalLM loads it."""
     src, out = Path(src), Path(out)
     config, tensors = read_nano(src)
 
@@ -424,6 +425,12 @@ def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int =
     with output_folder(out, src, _needed_bytes(config, dtype, src, weight_files(src)), force) as tmp:
         write_shards(hf_tensors(), tmp, max_shard_bytes)
         hf_config = config.to_hf_config()
+        hf_config["router_jitter_noise"] = 0.0  # the released file's 0 is an int, which transformers 5 refuses
+        if config.norm_type == "rmsnorm":
+            # Exactly Mixtral: let transformers load it natively. transformers 5 maps the per-expert
+            # tensor names to its fused layout only for model_type "mixtral"; auto_map still names
+            # Orion's own code for trust_remote_code users.
+            hf_config["model_type"] = "mixtral"
         if dtype is not None:
             hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
