@@ -90,13 +90,14 @@ def test_converted_checkpoint_matches_reference(tmp_path, fixture, fmt, sharded)
         assert (out / name).read_bytes() == (fixture / name).read_bytes()
 
     ref = load_file(fixture / "reference.safetensors")
-    model, tokenizer = nano_orion.load(out, dtype=torch.float32)
-    assert tokenizer is not None
-    with torch.no_grad():
-        err = (model(ref["input_ids"]) - ref["logits"]).abs().max().item()
-    assert err <= 1e-4, f"max |logits - reference| = {err}"
-    prompt, greedy = ref["prompt_ids"], ref["greedy_ids"]
-    assert torch.equal(nano_orion.generate(model, prompt, greedy.shape[1] - prompt.shape[1]), greedy)
+    for folder in (out, src):  # the converted checkpoint, and the released folder loaded directly
+        model, tokenizer = nano_orion.load(folder, dtype=torch.float32)
+        assert tokenizer is not None
+        with torch.no_grad():
+            err = (model(ref["input_ids"]) - ref["logits"]).abs().max().item()
+        assert err <= 1e-4, f"{folder}: max |logits - reference| = {err}"
+        prompt, greedy = ref["prompt_ids"], ref["greedy_ids"]
+        assert torch.equal(nano_orion.generate(model, prompt, greedy.shape[1] - prompt.shape[1]), greedy)
 
 
 def test_conversion_to_bfloat16_writes_bfloat16_sharded(tmp_path):
