@@ -21,3 +21,9 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# ---- convert.py: released weights <-> nano_orion checkpoints ----
+.PHONY: convert-memory
+# Peak RSS of convert.py on a synthetic 5 GB checkpoint (needs about 10 GB free in $(TMPDIR) or /tmp; deletes it after).
+convert-memory: install
+	$(PY) scripts/convert_memory.py $$(mktemp -d)

@@ -126,7 +126,13 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _check_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder; give the folder holding config.json and the weights")
+
+
 def read_json(path: Path) -> dict:
+    """config.json or an index file."""
     if not path.exists():
         raise CheckpointError(f"{path}: missing; a checkpoint folder needs the config.json that came with its weights")
     try:
@@ -216,14 +222,15 @@ def read_hf(folder, dtype: torch.dtype | None = None):
     as its last expert has arrived. dtype None keeps the stored dtype.
     """
     folder = Path(folder)
+    _check_folder(folder)
     files = weight_files(folder)
     if None in files.values():  # one file without an index: its keys tell the norm type
         files = {file: list(read_weight_file(folder / file)) for file in files}
     names = [k for keys in files.values() for k in keys]
     try:
         config = OrionConfig.from_hf_config(read_json(folder / "config.json"), norm_type=norm_type_of(names))
-    except ValueError as e:
-        raise CheckpointError(f"{folder / 'config.json'}: {e}; restore the original config.json") from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {_first_line(e)}; restore the original config.json") from None
     shapes = expected_shapes(config)
     return config, _hf_tensors(folder, files, config, shapes, dtype)
 
@@ -269,12 +276,14 @@ def _hf_tensors(folder, files, config, shapes, dtype):
 
 
 def is_nano_checkpoint(folder) -> bool:
+    _check_folder(Path(folder))
     return "nano_orion" in read_json(Path(folder) / "config.json")
 
 
 def read_nano(folder):
     """A nano_orion checkpoint folder -> (config, generator of (name, memory-mapped tensor))."""
     folder = Path(folder)
+    _check_folder(folder)
     path = folder / "config.json"
     try:
         config = OrionConfig.from_dict(read_json(path)["config"])

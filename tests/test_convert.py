@@ -305,3 +305,12 @@ def test_failure_mid_write_leaves_nothing(tmp_path, capsys):
     """The missing tensor is noticed only after every shard was written: the partial output goes."""
     src = mutated(tmp_path, lambda t: t.pop("lm_head.weight"))
     expect_error(capsys, tmp_path, src, "lm_head.weight", args=["--shard-gb", "0.0001"])
+
+
+def test_config_that_does_not_parse(tmp_path, capsys):
+    src = mutated(tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    del config["num_local_experts"]
+    (src / "config.json").write_text(json.dumps(config))
+    expect_error(capsys, tmp_path, src, f"{src / 'config.json'}: config.json lacks the keys ['num_local_experts']; restore the original")
+    expect_error(capsys, tmp_path, tmp_path / "nowhere", f"{tmp_path / 'nowhere'}: no such folder")
