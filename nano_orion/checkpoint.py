@@ -219,7 +219,9 @@ def read_hf(folder, dtype: torch.dtype | None = None):
 
     Reads one weight file at a time. Experts arrive one by one, possibly spread over two
     files; each layer's w1 (or w2, w3) is stacked into one (E, ...) tensor, yielded as soon
-    as its last expert has arrived. dtype None keeps the stored dtype.
+    as its last expert has arrived. dtype None keeps the stored dtype. The yielded tensors
+    own their memory, so each file is unmapped once read: memory holds one input file plus
+    what the consumer keeps (one output shard when converting).
     """
     folder = Path(folder)
     _check_folder(folder)
@@ -258,7 +260,8 @@ def _hf_tensors(folder, files, config, shapes, dtype):
             seen.add((name, expert))
             _check(path, key, tensor, shapes[name] if expert is None else shapes[name][1:])
             if expert is None:
-                yield name, tensor.to(dtype or tensor.dtype)  # no copy when the dtype is kept
+                # a copy, also when the dtype is kept, so that no tensor pins the input file's mapping
+                yield name, tensor.to(dtype or tensor.dtype, copy=True)
                 continue
             if name not in stacks:
                 stacks[name] = torch.empty(shapes[name], dtype=dtype or tensor.dtype)

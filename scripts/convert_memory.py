@@ -26,11 +26,13 @@ def write_synthetic(folder: Path, config: OrionConfig, shard_bytes: int) -> None
     """Random fp16 weights in the released layout, one shard in memory at a time."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config.to_hf_config()))
-    names = []  # released names and shapes, in the released order (experts one by one)
-    for name, shape in expected_shapes(config).items():
-        if name.endswith(("w1", "w2", "w3")):
-            names += [(nano_name_to_hf(name, e), shape[1:]) for e in range(config.n_experts)]
-        else:
+    shapes = expected_shapes(config)
+    names = []  # released names and shapes, in the released order: expert 0's w1, w2, w3, expert 1's, ...
+    for name, shape in shapes.items():
+        if name.endswith("w1"):
+            layer = name.removesuffix("w1")
+            names += [(nano_name_to_hf(layer + w, e), shapes[layer + w][1:]) for e in range(config.n_experts) for w in ("w1", "w2", "w3")]
+        elif not name.endswith(("w2", "w3")):
             names.append((nano_name_to_hf(name), shape))
     shards, shard, size = [], {}, 0
     for key, shape in names:
