@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from .config import OrionConfig
 from .model import Orion
@@ -387,8 +388,6 @@ def output_folder(out: Path, src: Path, needed_bytes: int, force: bool = False):
 
 
 def _progress(tensors, total: int, desc: str):
-    from tqdm import tqdm
-
     # disable=None: no bar when stderr is not a terminal (logs, tests), so errors stay one line
     with tqdm(total=total, desc=desc, unit="tensor", disable=None) as bar:
         for item in tensors:
