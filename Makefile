@@ -22,6 +22,12 @@ test: install
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 
+# ---- convert.py: released weights <-> nano_orion checkpoints ----
+.PHONY: convert-memory
+# Peak RSS of convert.py on a synthetic 5 GB checkpoint (needs about 10 GB free in $(TMPDIR) or /tmp; deletes it after).
+convert-memory: install
+	$(PY) scripts/convert_memory.py $$(mktemp -d)
+
 # make figures  - draw docs/figures/*.png with docs/make_figures.py (installs the optional `docs` extra, matplotlib)
 # CHECKPOINT: the checkpoint folder whose router is drawn; TRAIN_LOG: train.py's OUT_DIR/log.jsonl for the
 # loss and expert-load figures (skipped when empty).

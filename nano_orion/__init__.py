@@ -14,11 +14,13 @@ from .tokenizer import Tokenizer
 def load(path, device="cpu", dtype=torch.float32):
     """Load a checkpoint folder, nano_orion's own or the released Hugging Face layout, -> (model, tokenizer).
 
-    tokenizer is None if the folder has no tokenizer.model.
+    device: "cpu", "cuda", "cuda:1", ...; a list of devices, or "auto" (every visible GPU),
+        to split the layers across them, pipeline style, in proportion to their free memory.
+    dtype: the parameters' dtype. A nano_orion checkpoint already stored in it loads on the
+        CPU without copying (the parameters are the memory-mapped file).
+    tokenizer is None if the folder has no tokenizer.model. Problems raise CheckpointError.
     """
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"{path}: no config.json; point at a checkpoint folder")
     if is_nano_checkpoint(path):
         model = load_nano(path, device=device, dtype=dtype)
     else:

@@ -96,8 +96,9 @@ class Orion(nn.Module):
         c = self.config
         if max_len > c.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {c.max_seq_len}")
-        p = self.lm_head.weight
-        return [KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, p.dtype, p.device) for _ in range(c.n_layers)]
+        dtype = self.lm_head.weight.dtype
+        # each layer's cache on that layer's device (layers may be spread over GPUs: load(device="auto"))
+        return [KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, block.attn.wq.weight.device) for block in self.layers]
 
     def forward(self, idx, cache=None, start_pos: int = 0, pad_mask=None, return_router: bool = False):
         """idx (B, T) int64 token ids -> logits (B, T, vocab_size) float32.
@@ -109,6 +110,7 @@ class Orion(nn.Module):
         return_router: also return, per layer, the router's (probs, experts), for the
             load-balancing loss (moe.load_balancing_loss) and for inspecting routing.
         """
+        idx = idx.to(self.embed.weight.device)
         B, T = idx.shape
         end = start_pos + T
         if end > self.config.max_seq_len:
@@ -123,7 +125,10 @@ class Orion(nn.Module):
         x = self.embed(idx)  # (B, T, dim)
         routers = []
         for i, block in enumerate(self.layers):
+            device = block.attn.wq.weight.device  # layers may be spread over GPUs (load(device="auto"))
+            x, cos, sin = x.to(device), cos.to(device), sin.to(device)
+            mask = None if mask is None else mask.to(device)
             x, probs, experts = block(x, cos, sin, mask, None if cache is None else cache[i], start_pos)
             routers.append((probs, experts))
-        logits = self.lm_head(self.norm(x)).float()  # (B, T, vocab_size)
+        logits = self.lm_head(self.norm(x.to(self.lm_head.weight.device))).float()  # (B, T, vocab_size)
         return (logits, routers) if return_router else logits

@@ -1,0 +1,105 @@
+"""nano_orion's checkpoint format: save/load round trip, zero-copy loading, layer placement across devices."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nano_orion
+from nano_orion import CheckpointError, OrionConfig
+from nano_orion.checkpoint import convert_hf, placement, plan_placement
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def small_model(norm_type="layernorm") -> nano_orion.Orion:
+    config = OrionConfig.preset("toy", norm_type=norm_type, vocab_size=100, dim=32, n_layers=3, ffn_dim=16, max_seq_len=32)
+    torch.manual_seed(0)
+    return nano_orion.Orion(config).eval()
+
+
+def test_save_load_round_trip_sharded(tmp_path):
+    model = small_model()
+    nano_orion.save(model, tmp_path, max_shard_bytes=20_000)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    loaded, tokenizer = nano_orion.load(tmp_path)
+    assert tokenizer is None and loaded.config == model.config
+    original = model.state_dict()
+    assert loaded.state_dict().keys() == original.keys()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    idx = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():  # same weights; kernels may round differently on differently aligned memory
+        torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=1e-6)
+
+
+def _mapped_files(tensor: torch.Tensor) -> set[str]:
+    """The files whose memory mapping holds this tensor's data (from /proc/self/maps)."""
+    start, end = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    files = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= start and end <= hi and len(fields) == 6:
+            files.add(fields[5])
+    return files
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_load_does_not_copy_weights(tmp_path):
+    """Loaded in the stored dtype on the CPU, every parameter *is* the memory-mapped file."""
+    convert_hf(FIXTURES / "orion-mini-rmsnorm", tmp_path / "nano", max_shard_bytes=300_000)  # fp16, sharded
+    shards = {str(p) for p in (tmp_path / "nano").glob("model-*.safetensors")}
+    assert len(shards) > 1
+    model, _ = nano_orion.load(tmp_path / "nano", dtype=torch.float16)
+    for name, p in model.named_parameters():
+        assert _mapped_files(p) & shards, f"{name} was copied out of the file"
+    # the counter-check can fail: a float32 load must copy (and then lives in anonymous memory)
+    model32, _ = nano_orion.load(tmp_path / "nano", dtype=torch.float32)
+    assert not _mapped_files(model32.lm_head.weight) & shards
+
+
+def test_load_splits_layers_over_a_list_of_devices(tmp_path):
+    model = small_model("rmsnorm")
+    nano_orion.save(model, tmp_path)
+    split, _ = nano_orion.load(tmp_path, device=["cpu", "cpu"])
+    idx = torch.randint(0, 100, (1, 7))
+    out = nano_orion.generate(split, idx, max_new_tokens=5)
+    assert torch.equal(out, nano_orion.generate(model, idx, max_new_tokens=5))
+
+
+# ---- the placement plan, on the real model's shape -----------------------------------------------
+
+
+def _loads(sizes, plan, n):
+    return [sum(s for s, d in zip(sizes, plan) if d == i) for i in range(n)]
+
+
+def test_plan_is_consecutive_proportional_and_fits():
+    sizes = [3, 10, 10, 10, 10, 10, 10, 4]
+    plan = plan_placement(sizes, [40, 40])
+    assert plan == sorted(plan) and plan[0] == 0 and plan[-1] == 1
+    assert _loads(sizes, plan, 2) == [33, 34]
+    plan = plan_placement(sizes, [60, 20])  # 3:1 -> about 50 : 17
+    assert _loads(sizes, plan, 2) == [53, 14]
+    assert plan_placement(sizes, [100]) == [0] * len(sizes)
+
+
+def test_plan_refuses_what_does_not_fit():
+    with pytest.raises(CheckpointError, match="the model needs 9.0 MB, the devices offer 8.0 MB"):
+        plan_placement([3_000_000] * 3, [4_000_000, 4_000_000])
+    with pytest.raises(CheckpointError, match="device 0 would need 7.0 MB"):
+        plan_placement([7_000_000, 1_000_000], [5_000_000, 5_000_000])  # the embedding alone is too big
+
+
+def test_released_model_in_bf16_fits_two_80gb_gpus(monkeypatch):
+    """The 96 GB of bf16 weights over two 80 GB GPUs (72 GB usable each), built on meta: no GPU needed."""
+    config = OrionConfig.preset("orion-moe-8x7b")
+    monkeypatch.setattr("nano_orion.checkpoint._free_bytes", lambda device: 72 * 10**9)
+    where = placement(config, ["cuda:0", "cuda:1"], torch.bfloat16)
+    layer_devices = [where[f"layers.{i}"].index for i in range(config.n_layers)]
+    assert layer_devices == [0] * 16 + [1] * 16
+    assert where["embed"].index == 0 and where["norm"].index == where["lm_head"].index == 1
+    with pytest.raises(CheckpointError, match="the model needs 96.4 GB"):
+        placement(config, ["cuda:0"], torch.bfloat16)
