@@ -23,9 +23,12 @@ auxiliary load-balancing loss (Switch Transformer, as in Mixtral) is
 f_e the fraction of tokens routed to expert e, P_e the mean router probability of e. It
 equals top_k when routing is perfectly even and grows as it concentrates.
 
-Two ways to run the experts: `moe_reference` loops over experts and is obviously right;
+Three ways to run the experts: `moe_reference` loops over experts and is obviously right;
 `moe_grouped` sorts the (token, expert) pairs by expert so that each expert does one
-matmul over a contiguous block. They compute the same thing; the model uses the second.
+matmul over a contiguous block; `moe_gathered` gathers each token's experts' weights, which
+has no data-dependent shapes, so torch.compile can fuse a one-token decode step into
+kernels that read the weights in place. They compute the same thing; the model uses the
+second, and the third inside a torch.compile'd decode step.
 """
 
 import torch
@@ -71,6 +74,15 @@ def moe_grouped(x, weights, experts, w1, w3, w2):
     return torch.zeros_like(x).index_add_(0, token, y_sorted)  # sum each token's top_k outputs
 
 
+def moe_gathered(x, weights, experts, w1, w3, w2):
+    """Same as moe_reference, meant for a few tokens under torch.compile: index the stacked
+    weights by each token's experts, (N, top_k, ffn_dim, dim), and contract. Run eagerly,
+    the indexing copies the chosen experts' weights; compiled, it is fused into the matmuls."""
+    h = F.silu(torch.einsum("nd,nkfd->nkf", x, w1[experts])) * torch.einsum("nd,nkfd->nkf", x, w3[experts])
+    y = torch.einsum("nkf,nkdf->nkd", h, w2[experts])  # (N, top_k, dim): each chosen expert's output
+    return torch.einsum("nkd,nk->nd", y, weights.to(x.dtype))
+
+
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """n_experts * sum_e f_e * P_e for one layer; probs (N, n_experts), experts (N, top_k)."""
     N, n_experts = probs.shape
@@ -96,5 +108,6 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x = x.reshape(B * T, D)
         probs, weights, experts = route(self.router(x), self.top_k)
-        y = moe_grouped(x, weights, experts, self.w1, self.w3, self.w2)
+        moe = moe_gathered if T == 1 and torch.compiler.is_compiling() else moe_grouped  # see the module docstring
+        y = moe(x, weights, experts, self.w1, self.w3, self.w2)
         return y.view(B, T, D), probs, experts
