@@ -96,7 +96,7 @@ class Orion(nn.Module):
         c = self.config
         if max_len > c.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {c.max_seq_len}")
-        p = self.lm_head.weight
+        p = self.embed.weight  # the activations' dtype and device (lm_head may be int8: quantize.py)
         return [KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, p.dtype, p.device) for _ in range(c.n_layers)]
 
     def forward(self, idx, cache=None, start_pos: int = 0, pad_mask=None, return_router: bool = False):

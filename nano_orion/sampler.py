@@ -24,6 +24,9 @@ the tokens.
 out, streamed through a callback, with stops on eos and on stop strings.
 """
 
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -148,8 +151,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
 class _TextStop:
     """One row's text: streams decoded chunks, holding back what may be the start of a stop string."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self.decoder = StreamDecoder(tokenizer)
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...]):
+        self.decoder = StreamDecoder(tokenizer, context=prompt_ids)
         self.stop = stop
         self.pending = ""  # decoded, not yet released
         self.text = ""  # released
@@ -176,35 +179,52 @@ class _TextStop:
         return out
 
 
-def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int, stop=(), on_text=None, device=None, **sampling):
-    """Complete each prompt; -> (completions, prompt token counts, generated token counts).
+@dataclass
+class Generation:
+    texts: list[str]  # one completion per prompt, without the prompt
+    prompt_tokens: list[int]
+    new_tokens: list[int]  # generated per prompt, eos included
+    time_to_first_token: float  # seconds: encoding, prefill and the first sample
+    decode_time: float  # seconds from the first token to the last
+
+
+def generate_text(model, tokenizer, prompts, max_new_tokens: int, stop=(), on_text=None, device=None, **sampling) -> Generation:
+    """Complete each prompt (a string, or a list of token ids) and time it.
 
     Rows stop at eos, at the first stop string (which is not included), or after
     max_new_tokens. on_text(row, chunk) is called as text becomes final, for streaming.
     Several prompts run as one left-padded batch. `sampling`: generate_tokens' keywords.
     """
-    encoded = [tokenizer.encode(p) for p in prompts]
+    start = time.perf_counter()
+    encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     if any(len(e) == 0 for e in encoded):
         raise ValueError("empty prompt: give at least one token of text")
     idx, pad_mask = left_pad(encoded, tokenizer.pad_id, device)
     if pad_mask.all():
         pad_mask = None  # equal lengths: no padding to hide
-    rows = [_TextStop(tokenizer, tuple(stop)) for _ in prompts]
-    n_generated = [0] * len(prompts)
+    rows = [_TextStop(tokenizer, e, tuple(stop)) for e in encoded]
+    new_tokens = [0] * len(prompts)
+    first = None
+
+    def emit(b, chunk):
+        if chunk and on_text:
+            on_text(b, chunk)
+
     for next_id in generate_tokens(model, idx, max_new_tokens, pad_mask=pad_mask, **sampling):
-        for b, token in enumerate(next_id[:, 0].tolist()):
+        tokens = next_id[:, 0].tolist()  # waits for the device
+        first = first or time.perf_counter()
+        for b, token in enumerate(tokens):
             if rows[b].done:
                 continue
-            n_generated[b] += 1
-            chunk = rows[b].finish() if token == tokenizer.eos_id else rows[b].push(token)
-            rows[b].done |= token == tokenizer.eos_id
-            if chunk and on_text:
-                on_text(b, chunk)
+            new_tokens[b] += 1
+            is_eos = token == tokenizer.eos_id
+            emit(b, rows[b].finish() if is_eos else rows[b].push(token))
+            rows[b].done |= is_eos
         if all(r.done for r in rows):
             break
+    end = time.perf_counter()
     for b, row in enumerate(rows):
         if not row.done:
-            chunk = row.finish()
-            if chunk and on_text:
-                on_text(b, chunk)
-    return [r.text for r in rows], [len(e) for e in encoded], n_generated
+            emit(b, row.finish())
+    first = first or end
+    return Generation([r.text for r in rows], [len(e) for e in encoded], new_tokens, first - start, end - first)

@@ -63,11 +63,12 @@ class StreamDecoder:
     same way to the text already emitted and to the text with the new token.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, context=()):
+        """context: ids already shown (the prompt), so the first new word gets its leading space."""
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = [int(i) for i in context]
         self.prefix = 0
-        self.read = 0
+        self.read = len(self.ids)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly final text ("" while a character is incomplete)."""
