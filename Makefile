@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test clean
+.PHONY: install test clean bench
 
 install: $(VENV)/.installed
 
@@ -21,3 +21,7 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# make bench  - generation speed, nano_orion vs transformers on the same weights (CPU, float32; a few minutes)
+bench: install
+	$(PY) benchmarks/bench_generate.py

@@ -98,10 +98,10 @@ def main(argv=None):
                 on_text=(lambda b, chunk: print(chunk, end="", flush=True)) if stream else None, **sampling,
             )
             if stream:
-                print()
+                print(flush=True)
             else:
                 for prompt, text in zip(prompts, result.texts):
-                    print(prompt + text + "\n")
+                    print(prompt + text + "\n", flush=True)
             decoded = sum(result.new_tokens) - len(prompts)  # the first tokens come from the prefill
             rate = decoded / result.decode_time if decoded > 0 else float("nan")
             print(
