@@ -76,6 +76,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decode measurement")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for the decode measurements")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per timing; the best is kept")
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (adds a minute or two of compiling)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -109,6 +110,25 @@ def main():
         }, args.repeats)
         ours, theirs = (batch * (N - 1) / (t[f"{name} N"] - t[f"{name} 1"]) for name in ("nano", "hf"))
         rows.append((f"decode batch {batch} (tok/s)", ours, theirs, ours / theirs))
+
+    if args.compile:
+        def step(next_id, cache, start_pos, pad_mask):
+            return model(next_id, cache=cache, start_pos=start_pos, pad_mask=pad_mask)
+
+        compiled = torch.compile(step, dynamic=True)
+
+        def nano_compiled(idx, n):
+            return nano_orion.generate(model, idx, n, decode_step=compiled)
+
+        t0 = time.perf_counter()
+        assert torch.equal(nano_compiled(prompt, 16), nano(prompt, 16)), "compiled decode differs from eager"
+        print(f"compiling the decode step took {time.perf_counter() - t0:.0f} s")
+        t = best_times({
+            "nano N": lambda: nano_compiled(prompt, N), "hf N": lambda: hf_gen(prompt, N),
+            "nano 1": lambda: nano_compiled(prompt, 1), "hf 1": lambda: hf_gen(prompt, 1),
+        }, args.repeats)
+        ours, theirs = ((N - 1) / (t[f"{name} N"] - t[f"{name} 1"]) for name in ("nano", "hf"))
+        rows.append(("decode batch 1, compiled", ours, theirs, ours / theirs))
 
     long_prompt = torch.randint(3, c.vocab_size, (1, 512))
 

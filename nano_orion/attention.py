@@ -93,7 +93,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
         # softmax(q k^T / sqrt(head_dim) + mask) v, each query head reading its group's kv head.
-        is_causal = mask is None and T > 1  # a single query attends to all keys so far
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        if T == 1 and mask is None:
+            # One new token (decoding): a group's query heads all read the same kv head and
+            # every key so far, so they can be stacked as the queries of that kv head; plain
+            # attention, no mask, a single small kernel per step.
+            group = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, group, self.head_dim), k, v)
+            y = y.view(B, self.n_heads, 1, self.head_dim)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.wo(y)
