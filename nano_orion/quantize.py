@@ -33,9 +33,9 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, device=None):
         super().__init__()
-        q, scale = quantize_int8(linear.weight.detach())
-        self.register_buffer("weight", q.to(device))
-        self.register_buffer("scale", scale.to(device))
+        q, scale = quantize_int8(linear.weight.detach().to(device))
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype)) * self.scale
@@ -50,9 +50,9 @@ class Int8Experts(nn.Module):
 
     def __init__(self, w: torch.Tensor, device=None):
         super().__init__()
-        q, scale = quantize_int8(w.detach())
-        self.register_buffer("weight", q.to(device))
-        self.register_buffer("scale", scale.to(device))
+        q, scale = quantize_int8(w.detach().to(device))
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
 
     @property
     def shape(self):
@@ -65,9 +65,9 @@ class Int8Experts(nn.Module):
 @torch.no_grad()
 def quantize_model(model, device=None):
     """Replace `model`'s big matmul weights by int8 in place (see the module docstring) and
-    return it. With `device`, each quantized tensor is moved there as soon as it is made, so
-    a model loaded on the CPU reaches the GPU without ever being there in full precision;
-    the remaining (small) tensors follow at the end."""
+    return it. With `device`, each weight is moved there and quantized there one at a time,
+    so a model loaded on the CPU reaches the GPU without ever being there in full precision
+    (at most one float weight at a time); the remaining small tensors follow at the end."""
     for block in model.layers:
         for name in ("wq", "wk", "wv", "wo"):
             setattr(block.attn, name, Int8Linear(getattr(block.attn, name), device))

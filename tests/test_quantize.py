@@ -76,3 +76,18 @@ def test_memory_is_about_a_quarter_of_float32(models):
 
     float_model, model, _ = models
     assert nbytes(model) < 0.3 * nbytes(float_model)
+
+
+def test_cli_int8_greedy(capsys):
+    """generate.py --quantize int8 at temperature 0 still gives the reference greedy text
+    (agreement is 24 of 24 tokens on this fixture, see test_greedy_agreement)."""
+    import sys
+
+    sys.path.insert(0, str(FIXTURES.parent.parent))
+    import generate as generate_cli
+
+    ref = load_file(FIXTURES / NAMES[0] / "reference.safetensors")
+    ids = ",".join(str(i) for i in ref["prompt_ids"][0].tolist())
+    generate_cli.main(["--ckpt", str(FIXTURES / NAMES[0]), "--prompt-ids", ids, "--temperature", "0", "--max-new-tokens", "24", "--quantize", "int8"])
+    tok = nano_orion.Tokenizer.from_dir(FIXTURES / NAMES[0])
+    assert capsys.readouterr().out == tok.decode(ref["greedy_ids"][0].tolist()) + "\n"
