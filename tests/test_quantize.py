@@ -1,5 +1,6 @@
 """Weight-only int8: the per-channel rounding bound, and the fixtures' logits and greedy text stay close to float."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ import nano_orion
 from nano_orion.quantize import Int8Experts, Int8Linear, quantize_int8, quantize_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+sys.path.insert(0, str(FIXTURES.parent.parent))
+import generate as generate_cli  # noqa: E402  (the top-level script)
 NAMES = ["orion-mini-rmsnorm", "orion-mini-layernorm"]
 
 
@@ -81,11 +85,6 @@ def test_memory_is_about_a_quarter_of_float32(models):
 def test_cli_int8_greedy(capsys):
     """generate.py --quantize int8 at temperature 0 still gives the reference greedy text
     (agreement is 24 of 24 tokens on this fixture, see test_greedy_agreement)."""
-    import sys
-
-    sys.path.insert(0, str(FIXTURES.parent.parent))
-    import generate as generate_cli
-
     ref = load_file(FIXTURES / NAMES[0] / "reference.safetensors")
     ids = ",".join(str(i) for i in ref["prompt_ids"][0].tolist())
     generate_cli.main(["--ckpt", str(FIXTURES / NAMES[0]), "--prompt-ids", ids, "--temperature", "0", "--max-new-tokens", "24", "--quantize", "int8"])
