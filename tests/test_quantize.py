@@ -16,6 +16,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 sys.path.insert(0, str(FIXTURES.parent.parent))
 import generate as generate_cli  # noqa: E402  (the top-level script)
+
 NAMES = ["orion-mini-rmsnorm", "orion-mini-layernorm"]
 
 
