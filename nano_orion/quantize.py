@@ -8,10 +8,11 @@ so W ~ q * s[:, None], off by at most s[o] / 2 per entry. Only the weights are i
 activations stay in the model's dtype, and a product W x is computed as (q x) * s, the
 int8 matrix converted on the fly. Decoding at batch 1 is limited by reading weights from
 memory, so one byte per weight instead of two is up to 2x faster where the conversion is
-fused into the matmul (torch.compile on a GPU); run eagerly it only saves memory.
+fused into the matmul (torch.compile, e.g. generate.py --compile); run eagerly it saves
+memory but not time, as each weight is first converted to a full-precision copy.
 
 Quantized: attention's wq, wk, wv, wo, every expert's w1, w3, w2 (per expert, per output
-channel), and lm_head: 99.9% of the bytes. Kept in high precision: the embedding (a table
+channel), and lm_head: 99% of the bytes. Kept in high precision: the embedding (a table
 lookup, no matmul), the router (tiny, and its top-k choice is sensitive), the norms.
 """
 
