@@ -61,6 +61,19 @@ def test_cli_greedy_reproduces_reference(capsys, name):
     assert "prompt tokens 12" in out.err and "tok/s" in out.err
 
 
+def test_cli_reads_nano_orion_checkpoints(tmp_path, capsys):
+    """The same greedy text from the fixture re-saved in nano_orion's own format."""
+    name = NAMES[1]
+    model, _ = nano_orion.load(FIXTURES / name)
+    nano_orion.save(model, tmp_path)
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        (tmp_path / f).write_bytes((FIXTURES / name / f).read_bytes())
+    ref = load_file(FIXTURES / name / "reference.safetensors")
+    ids = ",".join(str(i) for i in ref["prompt_ids"][0].tolist())
+    out = run_cli(capsys, "--ckpt", str(tmp_path), "--prompt-ids", ids, "--temperature", "0", "--max-new-tokens", "24")
+    assert out.out == nano_orion.Tokenizer.from_dir(FIXTURES / name).decode(ref["greedy_ids"][0].tolist()) + "\n"
+
+
 def test_cli_same_seed_same_text(capsys):
     args = ["--ckpt", str(FIXTURES / NAMES[0]), "--prompt", "expert", "--max-new-tokens", "16", "--num-samples", "2"]
     first = run_cli(capsys, *args, "--seed", "3").out
