@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test clean figures
+.PHONY: install test clean bench figures
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# make bench  - generation speed, nano_orion vs transformers on the same weights (CPU, float32; a few minutes)
+bench: install
+	$(PY) benchmarks/bench_generate.py
 
 # ---- convert.py: released weights <-> nano_orion checkpoints ----
 .PHONY: convert-memory

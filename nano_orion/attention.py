@@ -56,10 +56,11 @@ def attention_mask(T: int, start_pos: int = 0, pad_mask: torch.Tensor | None = N
     Queries are positions start_pos .. start_pos + T - 1, keys are 0 .. start_pos + T - 1.
     pad_mask (B, >= start_pos + T), True for real tokens, hides pad columns; every query
     still sees itself, so that a pad row is never left with nothing to attend to.
-    Returns None for the plain causal case (no cache offset, no padding), which
-    scaled_dot_product_attention handles fastest with is_causal=True.
+    Returns None where no mask is needed (no padding, and either no cache offset, which
+    scaled_dot_product_attention handles fastest with is_causal=True, or a single query,
+    which sees every key so far).
     """
-    if start_pos == 0 and pad_mask is None:
+    if pad_mask is None and (start_pos == 0 or T == 1):
         return None
     S = start_pos + T
     q_pos = torch.arange(start_pos, S, device=device)[:, None]  # (T, 1)
@@ -92,6 +93,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
         # softmax(q k^T / sqrt(head_dim) + mask) v, each query head reading its group's kv head.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        if T == 1 and mask is None:
+            # One new token (decoding): a group's query heads all read the same kv head and
+            # every key so far, so they can be stacked as the queries of that kv head; plain
+            # attention, no mask, a single small kernel per step.
+            group = self.n_heads // self.n_kv_heads
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, group, self.head_dim), k, v)
+            y = y.view(B, self.n_heads, 1, self.head_dim)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return self.wo(y)

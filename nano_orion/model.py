@@ -96,7 +96,7 @@ class Orion(nn.Module):
         c = self.config
         if max_len > c.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {c.max_seq_len}")
-        dtype = self.lm_head.weight.dtype
+        dtype = self.embed.weight.dtype  # the activations' dtype (lm_head may be int8: quantize.py)
         # each layer's cache on that layer's device (layers may be spread over GPUs: load(device="auto"))
         return [KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, block.attn.wq.weight.device) for block in self.layers]
 

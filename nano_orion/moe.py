@@ -23,9 +23,13 @@ auxiliary load-balancing loss (Switch Transformer, as in Mixtral) is
 f_e the fraction of tokens routed to expert e, P_e the mean router probability of e. It
 equals top_k when routing is perfectly even and grows as it concentrates.
 
-Two ways to run the experts: `moe_reference` loops over experts and is obviously right;
-`moe_grouped` sorts the (token, expert) pairs by expert so that each expert does one
-matmul over a contiguous block. They compute the same thing; the model uses the second.
+Ways to run the experts, all computing the same thing: `moe_reference` loops over experts
+and is obviously right; `moe_grouped` (what the model uses) sorts the (token, expert) pairs
+by expert so that each expert does one matmul over a contiguous block. Two serve decoding,
+where per-step overhead counts: `moe_one_token` runs a single token's top_k experts
+directly (batch-1 decode, no sorting or scattering), and `moe_gathered` gathers each
+token's experts' weights, which has no data-dependent shapes, so torch.compile can fuse a
+one-token decode step into kernels that read the weights in place.
 """
 
 import torch
@@ -71,6 +75,23 @@ def moe_grouped(x, weights, experts, w1, w3, w2):
     return torch.zeros_like(x).index_add_(0, token, y_sorted)  # sum each token's top_k outputs
 
 
+def moe_one_token(x, weights, experts, w1, w3, w2):
+    """Same as moe_reference for one token, x (1, dim): its top_k experts, one after another."""
+    y = torch.zeros_like(x)
+    for w, e in zip(weights[0].to(x.dtype), experts[0].tolist()):
+        y += w * expert_ffn(x, w1[e], w3[e], w2[e])
+    return y
+
+
+def moe_gathered(x, weights, experts, w1, w3, w2):
+    """Same as moe_reference, meant for a few tokens under torch.compile: index the stacked
+    weights by each token's experts, (N, top_k, ffn_dim, dim), and contract. Run eagerly,
+    the indexing copies the chosen experts' weights; compiled, it is fused into the matmuls."""
+    h = F.silu(torch.einsum("nd,nkfd->nkf", x, w1[experts])) * torch.einsum("nd,nkfd->nkf", x, w3[experts])
+    y = torch.einsum("nkf,nkdf->nkd", h, w2[experts])  # (N, top_k, dim): each chosen expert's output
+    return torch.einsum("nkd,nk->nd", y, weights.to(x.dtype))
+
+
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """n_experts * sum_e f_e * P_e for one layer; probs (N, n_experts), experts (N, top_k)."""
     N, n_experts = probs.shape
@@ -96,5 +117,9 @@ class MoE(nn.Module):
         B, T, D = x.shape
         x = x.reshape(B * T, D)
         probs, weights, experts = route(self.router(x), self.top_k)
-        y = moe_grouped(x, weights, experts, self.w1, self.w3, self.w2)
+        if T == 1 and torch.compiler.is_compiling():  # a compiled decode step (module docstring)
+            moe = moe_gathered
+        else:
+            moe = moe_one_token if B * T == 1 else moe_grouped
+        y = moe(x, weights, experts, self.w1, self.w3, self.w2)
         return y.view(B, T, D), probs, experts

@@ -1,0 +1,153 @@
+"""Generation speed: nano_orion vs transformers' MixtralForCausalLM on the same weights.
+
+Same random weights, same prompt, CPU, float32, greedy. Measures, in one run:
+  * batch-1 decode tokens/s (the number a chat user feels), and its ratio;
+  * prefill time of a 512-token prompt;
+  * batch-8 decode tokens/s.
+Decode rate = (N - 1) / (time for N new tokens - time for 1 new token), so the prefill
+is not counted. Each timing is the best of a few repeats (the machine may be shared).
+
+    make bench      # or: python benchmarks/bench_generate.py [--new-tokens 64] [--repeats 3]
+"""
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+import nano_orion
+from nano_orion import Orion, OrionConfig
+
+# Orion's shape shrunk for a CPU: 12 layers, 8 experts top-2, GQA 8/2 heads, ffn/dim = 3,
+# 67 M parameters (270 MB in float32), 22 M active per token. Decoding it reads ~90 MB of
+# weights per token and runs 12 layers of small kernels: memory and per-layer overhead both count.
+BENCH_CONFIG = OrionConfig(
+    vocab_size=16000, dim=256, n_layers=12, n_heads=8, n_kv_heads=2, ffn_dim=768,
+    n_experts=8, top_k=2, norm_type="rmsnorm", max_seq_len=1024,
+)
+
+
+def to_transformers(model: Orion) -> MixtralForCausalLM:
+    """transformers' Mixtral holding `model`'s weights (RMSNorm configs only)."""
+    c = model.config
+    assert c.norm_type == "rmsnorm", "transformers' Mixtral has RMSNorm"
+    hf_config = MixtralConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, num_local_experts=c.n_experts,
+        num_experts_per_tok=c.top_k, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps,
+        max_position_embeddings=c.max_seq_len, tie_word_embeddings=False, bos_token_id=c.bos_id,
+        eos_token_id=c.eos_id, pad_token_id=c.pad_id,
+    )
+    hf = MixtralForCausalLM(hf_config).eval()
+    state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+             "lm_head.weight": model.lm_head.weight}
+    for i, block in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        for ours, theirs in zip("qkvo", "qkvo"):
+            state[p + f"self_attn.{theirs}_proj.weight"] = getattr(block.attn, f"w{ours}").weight
+        state[p + "input_layernorm.weight"] = block.attn_norm.weight
+        state[p + "post_attention_layernorm.weight"] = block.moe_norm.weight
+        state[p + "mlp.gate.weight"] = block.moe.router.weight
+        state[p + "mlp.experts.gate_up_proj"] = torch.cat([block.moe.w1, block.moe.w3], dim=1)  # (E, 2F, D)
+        state[p + "mlp.experts.down_proj"] = block.moe.w2  # (E, D, F)
+    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
+    hf.generation_config.eos_token_id = None  # never stop early: both generate exactly N tokens
+    return hf
+
+
+def best_times(fns: dict, repeats: int) -> dict:
+    """Best wall time of each function, the functions taking turns so that a busy spell on a
+    shared machine hits all of them alike."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decode measurement")
+    parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for the decode measurements")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats per timing; the best is kept")
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (adds a minute or two of compiling)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = Orion(BENCH_CONFIG).eval()
+    hf = to_transformers(model)
+    c, N = BENCH_CONFIG, args.new_tokens
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__} with {torch.get_num_threads()} threads, float32")
+    print(f"config: {c}")
+    print(f"parameters: {c.n_params() / 1e6:.1f} M ({c.n_params() * 4 / 1e6:.0f} MB), active per token {c.n_active_params() / 1e6:.1f} M")
+
+    def nano(idx, n):
+        return nano_orion.generate(model, idx, n)
+
+    @torch.inference_mode()
+    def hf_gen(idx, n):
+        return hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(idx))
+
+    prompt = torch.randint(3, c.vocab_size, (1, args.prompt_tokens))
+    same = torch.equal(nano(prompt, 16), hf_gen(prompt, 16))
+    print(f"greedy tokens identical to transformers: {same}")
+
+    rows = []
+    for batch in (1, 8):
+        idx = prompt.expand(batch, -1).contiguous()
+        nano(idx, 2), hf_gen(idx, 2)  # warm up
+        t = best_times({
+            "nano N": lambda: nano(idx, N), "hf N": lambda: hf_gen(idx, N),
+            "nano 1": lambda: nano(idx, 1), "hf 1": lambda: hf_gen(idx, 1),
+        }, args.repeats)
+        ours, theirs = (batch * (N - 1) / (t[f"{name} N"] - t[f"{name} 1"]) for name in ("nano", "hf"))
+        rows.append((f"decode batch {batch} (tok/s)", ours, theirs, ours / theirs))
+
+    if args.compile:
+        def step(next_id, cache, start_pos, pad_mask):
+            return model(next_id, cache=cache, start_pos=start_pos, pad_mask=pad_mask)
+
+        compiled = torch.compile(step, dynamic=True)
+
+        def nano_compiled(idx, n):
+            return nano_orion.generate(model, idx, n, decode_step=compiled)
+
+        t0 = time.perf_counter()
+        assert torch.equal(nano_compiled(prompt, 16), nano(prompt, 16)), "compiled decode differs from eager"
+        print(f"compiling the decode step took {time.perf_counter() - t0:.0f} s")
+        t = best_times({
+            "nano N": lambda: nano_compiled(prompt, N), "hf N": lambda: hf_gen(prompt, N),
+            "nano 1": lambda: nano_compiled(prompt, 1), "hf 1": lambda: hf_gen(prompt, 1),
+        }, args.repeats)
+        ours, theirs = ((N - 1) / (t[f"{name} N"] - t[f"{name} 1"]) for name in ("nano", "hf"))
+        rows.append(("decode batch 1, compiled", ours, theirs, ours / theirs))
+
+    long_prompt = torch.randint(3, c.vocab_size, (1, 512))
+
+    @torch.inference_mode()
+    def nano_prefill():
+        model(long_prompt, cache=model.new_cache(1, 512))
+
+    @torch.inference_mode()
+    def hf_prefill():
+        hf(long_prompt, use_cache=True)
+
+    nano_prefill(), hf_prefill()
+    t = best_times({"nano": nano_prefill, "hf": hf_prefill}, args.repeats)
+    rows.append(("prefill 512 tokens (ms)", 1e3 * t["nano"], 1e3 * t["hf"], t["hf"] / t["nano"]))
+
+    print(f"\n{'':28s}{'nano_orion':>12s}{'transformers':>14s}{'speed-up':>10s}")
+    for label, ours, theirs, ratio in rows:
+        print(f"{label:28s}{ours:12.1f}{theirs:14.1f}{ratio:9.2f}x")
+
+
+if __name__ == "__main__":
+    main()
