@@ -324,7 +324,7 @@ def main(argv=None):
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     raw_model = model.module if isinstance(model, DDP) else model
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                                  fused=device.type == "cuda")
+                                  fused=device.type in ("cpu", "cuda"))
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
     step, tokens = 0, 0
