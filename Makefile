@@ -21,3 +21,20 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# ---- training (train.py) ----
+# make demo  - prepare the default corpus (the Python standard library's sources), train the toy
+#              model from scratch for ~300 steps on the CPU, then generate a sample from it.
+#              DEMO_THREADS: torch threads; 1 is the robust choice on a small shared machine.
+DEMO_OUT ?= out/demo
+DEMO_THREADS ?= 1
+.PHONY: demo
+demo: install
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) train.py --config toy --out-dir $(DEMO_OUT) --max-iters 300 \
+		--batch-size 16 --block-size 128 --lr 3e-3 --warmup-iters 30 --eval-interval 100 --device cpu
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) generate.py --ckpt $(DEMO_OUT) --prompt "def " --max-new-tokens 200 --seed 0
+
+# bench: training throughput, nano_orion vs transformers (a second line of the `bench` target)
+.PHONY: bench
+bench: install
+	$(PY) benchmarks/bench_train.py

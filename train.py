@@ -78,7 +78,7 @@ def parse_args(argv=None):
                    help="step at which the cosine reaches 10%% of --lr (default: --max-iters); set it beyond "
                         "--max-iters to stop early and extend the run later with --resume")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
-    p.add_argument("--block-size", type=int, default=128, help="tokens per sequence (at most the preset's max_seq_len)")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per sequence (at most the model's max_seq_len)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup-iters", type=int, default=50, help="steps of linear warm-up")
@@ -310,20 +310,18 @@ def main(argv=None):
     if args.resume and not (out_dir / "train_state.pt").exists() and not (out_dir / ".saving" / "COMPLETE").exists():
         parser.error(f"--resume: no checkpoint in {out_dir} (train_state.pt missing); train without --resume first")
     torch.manual_seed(args.seed)
-    model = Orion(config).to(device)
-    if args.compile:
-        model = torch.compile(model)
+    raw_model = Orion(config).to(device)  # the module itself: sampled from and checkpointed
     if world > 1 and args.fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.layers:
+        for block in raw_model.layers:  # each block's weights are gathered only while it runs
             fully_shard(block)
-        fully_shard(model)
-    elif world > 1:
+        fully_shard(raw_model)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if world > 1 and not args.fsdp:
         # Experts that receive no token in a micro-batch get no gradient: find_unused_parameters.
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    raw_model = model.module if isinstance(model, DDP) else model
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+    optimizer = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                                   fused=device.type in ("cpu", "cuda"))
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
@@ -336,7 +334,7 @@ def main(argv=None):
         saved = json.loads((out_dir / "config.json").read_text())["config"]
         if saved != config.to_dict():
             parser.error(f"--resume: the checkpoint in {out_dir} has a different model shape; use the same --config and --data")
-        state = load_checkpoint(out_dir, model, optimizer)
+        state = load_checkpoint(out_dir, raw_model, optimizer)
         step, tokens = state["step"], state["tokens"]
         if master:
             truncate_log(out_dir / "log.jsonl", step)
@@ -367,7 +365,7 @@ def main(argv=None):
             say("  sample: " + sample_text(raw_model, tokenizer, prompt_ids, device, autocast).replace("\n", "\n  "))
         say("  expert load (% of routed slots), layer by layer:\n" + "\n".join(
             f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)))
-        save_checkpoint(out_dir, model, optimizer, config, data_dir / "tokenizer.model",
+        save_checkpoint(out_dir, raw_model, optimizer, config, data_dir / "tokenizer.model",
                         {"step": step, "tokens": tokens, "args": {k: v for k, v in vars(args).items() if k != "device_"}}, rank)
         return val_loss
 
@@ -390,7 +388,7 @@ def main(argv=None):
                 ((ce + config.router_aux_loss_coef * aux) / args.grad_accum).backward()
             stats += torch.stack([ce.detach(), aux.detach()]) / args.grad_accum
             counts += c
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
