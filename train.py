@@ -24,7 +24,8 @@ train_state.pt (optimizer, step, RNG states) for --resume and log.jsonl, one JSO
 per line:
 
   {"kind": "train", "step", "tokens", "loss", "aux_loss", "lr", "tokens_per_s", "mfu",
-   "expert_load": [[share of routed slots per expert] per layer]}
+   "expert_load": [[share of routed slots per expert] per layer]}   (loss, aux_loss: the step's;
+                                          expert_load: over the steps since the previous line)
   {"kind": "eval", "step", "val_loss"}
 
 A checkpoint is first written complete into OUT_DIR/.saving/, marked COMPLETE, then its
@@ -250,14 +251,14 @@ def truncate_log(log_file: Path, step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, val, args, autocast) -> float:
+def evaluate(model, val, args, device, autocast) -> float:
     """Mean validation cross-entropy over --eval-iters fixed batches (the same ones every time)."""
     total = 0.0
     for i in range(args.eval_iters):
         x, y = get_batch(val, args.batch_size, args.block_size, seed=args.seed + 1, step=i)
         with autocast:
-            logits = model(x.to(args.device_), return_router=False)
-        total += F.cross_entropy(logits.flatten(0, 1), y.to(args.device_).flatten()).item()
+            logits = model(x.to(device))
+        total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten()).item()
     return total / args.eval_iters
 
 
@@ -278,7 +279,6 @@ def main(argv=None):
     """Train as the command line `argv` says; returns the trained model (this process's replica or shard)."""
     parser, args = parse_args(argv)
     device, amp_dtype, rank, world = setup_device(args)
-    args.device_ = device
     master = rank == 0
     say = tqdm.write if master else (lambda *a, **k: None)
     out_dir = Path(args.out_dir)
@@ -295,7 +295,8 @@ def main(argv=None):
     except DataError as e:
         parser.error(str(e))
     train_tokens, val_tokens = read_tokens(data_dir / "train.bin"), read_tokens(data_dir / "val.bin")
-    tokenizer = Tokenizer(data_dir / "tokenizer.model")
+    tokenizer_file = data_dir / "tokenizer.model"
+    tokenizer = Tokenizer(tokenizer_file)
 
     # Model: the preset's shape with the tokenizer's vocabulary (rounded up to a multiple of 64).
     vocab_size = -(-tokenizer.n_pieces // 64) * 64
@@ -332,8 +333,9 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
         saved = json.loads((out_dir / "config.json").read_text())["config"]
-        if saved != config.to_dict():
-            parser.error(f"--resume: the checkpoint in {out_dir} has a different model shape; use the same --config and --data")
+        if saved != config.to_dict() or (out_dir / "tokenizer.model").read_bytes() != tokenizer_file.read_bytes():
+            parser.error(f"--resume: the checkpoint in {out_dir} has another model shape or tokenizer; "
+                         "resume with the same --config, --data and --vocab-size")
         state = load_checkpoint(out_dir, raw_model, optimizer)
         step, tokens = state["step"], state["tokens"]
         if master:
@@ -358,19 +360,18 @@ def main(argv=None):
                 f.write(json.dumps(record) + "\n")
 
     def eval_sample_save():
-        val_loss = evaluate(model, val_tokens, args, autocast)
+        val_loss = evaluate(model, val_tokens, args, device, autocast)
         log({"kind": "eval", "step": step, "val_loss": val_loss})
         say(f"step {step}: val loss {val_loss:.4f}")
         if not args.fsdp:  # generating token by token would gather every layer each token
             say("  sample: " + sample_text(raw_model, tokenizer, prompt_ids, device, autocast).replace("\n", "\n  "))
         say("  expert load (% of routed slots), layer by layer:\n" + "\n".join(
             f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)))
-        save_checkpoint(out_dir, raw_model, optimizer, config, data_dir / "tokenizer.model",
-                        {"step": step, "tokens": tokens, "args": {k: v for k, v in vars(args).items() if k != "device_"}}, rank)
-        return val_loss
+        save_checkpoint(out_dir, raw_model, optimizer, config, tokenizer_file,
+                        {"step": step, "tokens": tokens, "args": vars(args)}, rank)
 
     bar = tqdm(total=args.max_iters, initial=step, disable=not master, dynamic_ncols=True, desc="train")
-    counts = torch.zeros(config.n_layers, config.n_experts, device=device)
+    counts = torch.zeros(config.n_layers, config.n_experts, device=device)  # routed slots since the last log line
     expert_load = [[1 / config.n_experts] * config.n_experts] * config.n_layers
     t_log, tokens_log = time.perf_counter(), tokens
     while step < args.max_iters:

@@ -131,3 +131,23 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, corpus, capsys):
     with pytest.raises(SystemExit):
         train.main(tiny_run(tmp_path, corpus, tmp_path / "nothing", "--resume"))
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_interrupted_saves_never_mix_two_checkpoints(tmp_path):
+    files = ("model.safetensors", "config.json", "train_state.pt")
+    for f in files:
+        (tmp_path / f).write_text("old")
+    saving = tmp_path / ".saving"
+    # Killed while writing: no COMPLETE mark, the old checkpoint stays, the partial one goes.
+    saving.mkdir()
+    (saving / "model.safetensors").write_text("new")
+    train.commit_checkpoint(tmp_path)
+    assert [(tmp_path / f).read_text() for f in files] == ["old"] * 3 and not saving.exists()
+    # Killed while moving a complete one in: the next start finishes the move.
+    saving.mkdir()
+    for f in files:
+        (saving / f).write_text("new")
+    (saving / "COMPLETE").touch()
+    (saving / "model.safetensors").replace(tmp_path / "model.safetensors")  # the move got this far
+    train.commit_checkpoint(tmp_path)
+    assert [(tmp_path / f).read_text() for f in files] == ["new"] * 3 and not saving.exists()
