@@ -10,9 +10,9 @@ import torch.multiprocessing as mp
 
 import nano_orion
 import train
-from test_train import corpus, read_log, tiny_run  # noqa: F401  (corpus is a fixture)
+from test_train import corpus, one_thread, read_log, tiny_run  # noqa: F401  (fixtures)
 
-STEPS = ["--max-iters", "4", "--eval-interval", "4", "--warmup-iters", "2", "--lr", "1e-2"]
+STEPS = ["--max-iters", "4", "--eval-interval", "4", "--warmup-iters", "2", "--lr", "1e-2", "--peak-flops", "1e11"]
 
 
 def free_port() -> int:
