@@ -262,13 +262,13 @@ def evaluate(model, val, args, device, autocast) -> float:
     return total / args.eval_iters
 
 
-def sample_text(model, tokenizer, prompt_ids, device, autocast, n_tokens: int = 96) -> str:
-    """A temperature-0.8 continuation of prompt_ids with a fixed seed, to watch learning."""
+def sample_text(model, tokenizer, prompt_ids, device, n_tokens: int = 96) -> str:
+    """A temperature-0.8 continuation of prompt_ids with a fixed seed, to watch learning
+    (in float32, the weights' own dtype, which the KV cache takes)."""
     n_tokens = min(n_tokens, model.config.max_seq_len - len(prompt_ids))
     g = torch.Generator(device).manual_seed(0)
     idx = torch.tensor([prompt_ids], device=device)
-    with autocast:
-        out = nano_orion.generate(model, idx, n_tokens, temperature=0.8, generator=g)
+    out = nano_orion.generate(model, idx, n_tokens, temperature=0.8, generator=g)
     return tokenizer.decode(prompt_ids) + "|>" + tokenizer.decode(out[0, len(prompt_ids):].tolist())
 
 
@@ -364,7 +364,7 @@ def main(argv=None):
         log({"kind": "eval", "step": step, "val_loss": val_loss})
         say(f"step {step}: val loss {val_loss:.4f}")
         if not args.fsdp:  # generating token by token would gather every layer each token
-            say("  sample: " + sample_text(raw_model, tokenizer, prompt_ids, device, autocast).replace("\n", "\n  "))
+            say("  sample: " + sample_text(raw_model, tokenizer, prompt_ids, device).replace("\n", "\n  "))
         say("  expert load (% of routed slots), layer by layer:\n" + "\n".join(
             f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)))
         save_checkpoint(out_dir, raw_model, optimizer, config, tokenizer_file,
