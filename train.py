@@ -29,9 +29,10 @@ per line:
   {"kind": "eval", "step", "val_loss"}
 
 A checkpoint is first written complete into OUT_DIR/.saving/, marked COMPLETE, then its
-files are moved into OUT_DIR. A kill before the mark leaves the previous checkpoint
-untouched (the partial .saving/ is discarded); a kill after it is finished on the next
-start. Either way OUT_DIR never holds half of one checkpoint and half of another.
+files are moved into OUT_DIR (a rename each, atomic). A kill before the mark leaves the
+previous checkpoint untouched and the partial .saving/ is discarded; a kill during the
+moves (a few renames) is rolled forward by the next train.py started on OUT_DIR, so a
+resumed run never sees weights of one step with the optimizer state of another.
 """
 
 import argparse
@@ -40,7 +41,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -326,12 +326,12 @@ def main(argv=None):
                                   fused=device.type in ("cpu", "cuda"))
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
+    if master:
+        commit_checkpoint(out_dir)  # finish (or discard) a save a kill interrupted
+    if world > 1:
+        dist.barrier()
     step, tokens = 0, 0
     if args.resume:
-        if master:
-            commit_checkpoint(out_dir)  # finish a save a kill interrupted
-        if world > 1:
-            dist.barrier()
         saved = json.loads((out_dir / "config.json").read_text())["config"]
         if saved != config.to_dict() or (out_dir / "tokenizer.model").read_bytes() != tokenizer_file.read_bytes():
             parser.error(f"--resume: the checkpoint in {out_dir} has another model shape or tokenizer; "
