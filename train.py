@@ -103,6 +103,8 @@ def parse_args(argv=None):
     for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.config not in PRESETS and not Path(args.config).is_file():
+        p.error(f"--config {args.config}: neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
     if args.warmup_iters < 0:
         p.error(f"--warmup-iters must be at least 0, got {args.warmup_iters}")
     return p, args
@@ -302,12 +304,16 @@ def main(argv=None):
     vocab_size = -(-tokenizer.n_pieces // 64) * 64
     if args.config in PRESETS:
         config = OrionConfig.preset(args.config, vocab_size=vocab_size)
-    elif Path(args.config).is_file():
-        config = OrionConfig.from_dict({**json.loads(Path(args.config).read_text()), "vocab_size": vocab_size})
     else:
-        parser.error(f"--config {args.config}: neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
+        try:
+            config = OrionConfig.from_dict({**json.loads(Path(args.config).read_text()), "vocab_size": vocab_size})
+        except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid fields
+            parser.error(f"--config {args.config}: {e}")
     if args.block_size > config.max_seq_len:
         parser.error(f"--block-size {args.block_size} exceeds the model's max_seq_len {config.max_seq_len}")
+    if min(len(train_tokens), len(val_tokens)) <= args.block_size + 1:
+        parser.error(f"{data_dir}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens cannot fill a block of "
+                     f"{args.block_size}; use a smaller --block-size or more data")
     if args.resume and not (out_dir / "train_state.pt").exists() and not (out_dir / ".saving" / "COMPLETE").exists():
         parser.error(f"--resume: no checkpoint in {out_dir} (train_state.pt missing); train without --resume first")
     torch.manual_seed(args.seed)

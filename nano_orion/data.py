@@ -56,12 +56,14 @@ def default_corpus() -> list[Path]:
 
 
 def source_files(source) -> list[Path]:
-    """The text files of `source`: a file, or every file in a folder (recursively, sorted)."""
+    """The text files of `source`: a file, or every file in a folder (recursively, sorted;
+    hidden files and folders such as .git are skipped)."""
     path = Path(source)
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(f"--data {path}: the folder holds no files; point at a UTF-8 text file or a folder of them")
     else:
