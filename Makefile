@@ -32,7 +32,8 @@ DEMO_THREADS ?= 1
 demo: install
 	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) train.py --config toy --out-dir $(DEMO_OUT) --max-iters 300 \
 		--batch-size 16 --block-size 128 --lr 3e-3 --warmup-iters 30 --eval-interval 100 --device cpu
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) generate.py --ckpt $(DEMO_OUT) --prompt "def " --max-new-tokens 200 --seed 0
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) generate.py --ckpt $(DEMO_OUT) \
+		--prompt "$$(printf 'class Parser:\n    def __init__(self')" --max-new-tokens 200 --seed 0
 
 # bench: training throughput, nano_orion vs transformers (a second line of the `bench` target)
 .PHONY: bench
