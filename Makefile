@@ -26,13 +26,17 @@ clean:
 # make demo  - prepare the default corpus (the Python standard library's sources), train the toy
 #              model from scratch for ~300 steps on the CPU, then generate a sample from it.
 #              DEMO_THREADS: torch threads; 1 is the robust choice on a small shared machine.
+#              The MALLOC_* settings make glibc keep freed memory instead of returning it to the OS,
+#              so the 32 MB logits of each step reuse pages rather than fault in fresh ones
+#              (measured: +12% training tokens/s on the 2-core box; other libcs ignore them).
 DEMO_OUT ?= out/demo
 DEMO_THREADS ?= 1
+DEMO_ENV = OMP_NUM_THREADS=$(DEMO_THREADS) MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
 .PHONY: demo
 demo: install
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) train.py --config toy --out-dir $(DEMO_OUT) --max-iters 300 \
+	$(DEMO_ENV) $(PY) train.py --config toy --out-dir $(DEMO_OUT) --max-iters 300 \
 		--batch-size 16 --block-size 128 --lr 3e-3 --warmup-iters 30 --eval-interval 100 --device cpu
-	OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) generate.py --ckpt $(DEMO_OUT) \
+	$(DEMO_ENV) $(PY) generate.py --ckpt $(DEMO_OUT) \
 		--prompt "$$(printf 'class Parser:\n    def __init__(self')" --max-new-tokens 200 --seed 0
 
 # bench: training throughput, nano_orion vs transformers (a second line of the `bench` target)
