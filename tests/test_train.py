@@ -17,7 +17,7 @@ TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, n_experts=
 
 
 def tiny_run(tmp_path, corpus, out, *extra):
-    """Command line for a tiny model on `corpus`, logging every step, single-threaded data."""
+    """Command line for a tiny model (TINY, 320-piece vocabulary) on `corpus`, logging every step."""
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
     return ["--config", str(config), "--data", str(corpus), "--data-dir", str(tmp_path / "data"), "--out-dir", str(out),
@@ -86,7 +86,7 @@ def test_aux_loss_reaches_the_router_only():
     assert model.layers[-1].moe.w1.grad is None and model.lm_head.weight.grad is None
     # counts: routed slots per expert, each layer's row sums to tokens x top_k
     assert counts.shape == (2, 4) and counts.sum(-1).tolist() == [2 * 16 * 2] * 2
-    # the mean of per-layer losses, each at least its value for perfectly even routing (top_k)
+    # the mean of the layers' load-balancing losses
     _, routers = model(x, return_router=True)
     assert aux.item() == pytest.approx(sum(load_balancing_loss(p, e).item() for p, e in routers) / 2)
 
