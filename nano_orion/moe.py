@@ -70,7 +70,9 @@ def moe_grouped(x, weights, experts, w1, w3, w2):
     token = order // top_k  # the token of each sorted slot
     counts = flat_experts.bincount(minlength=w1.shape[0]).tolist()  # slots per expert
     blocks = x[token].split(counts)  # block e: the tokens routed to expert e, (counts[e], dim)
-    y_sorted = torch.cat([expert_ffn(xe, w1[e], w3[e], w2[e]) for e, xe in enumerate(blocks) if len(xe)])
+    # unbind, not w1[e]: in backward each w1[e] would add a full-size zero-padded gradient to w1
+    experts_w = zip(w1.unbind(0), w3.unbind(0), w2.unbind(0))
+    y_sorted = torch.cat([expert_ffn(xe, *w) for xe, w in zip(blocks, experts_w) if len(xe)])
     y_sorted = (y_sorted * weights.flatten()[order, None]).to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token, y_sorted)  # sum each token's top_k outputs
 

@@ -62,6 +62,11 @@ class Int8Experts(nn.Module):
     def __getitem__(self, e):
         return self.weight[e].to(self.scale.dtype) * self.scale[e][..., None]
 
+    def unbind(self, dim: int = 0):
+        """Every expert's dequantized weights, as moe_grouped takes them from a Parameter."""
+        assert dim == 0, "experts are stacked along dim 0"
+        return [self[e] for e in range(self.weight.shape[0])]
+
 
 @torch.no_grad()
 def quantize_model(model, device=None):

@@ -1,0 +1,163 @@
+"""train.py: the recipe's pieces, overfitting a tiny corpus, exact resume, the log."""
+
+import codecs
+import json
+import math
+import this
+
+import pytest
+import torch
+
+import nano_orion
+import train
+from nano_orion import Orion, OrionConfig
+from nano_orion.moe import load_balancing_loss
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, n_experts=4, top_k=2, max_seq_len=64)
+
+
+def tiny_run(tmp_path, corpus, out, *extra):
+    """Command line for a tiny model (TINY, 320-piece vocabulary) on `corpus`, logging every step."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    return ["--config", str(config), "--data", str(corpus), "--data-dir", str(tmp_path / "data"), "--out-dir", str(out),
+            "--vocab-size", "320", "--batch-size", "8", "--block-size", "32", "--log-interval", "1",
+            "--eval-iters", "2", "--device", "cpu", *extra]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine extra threads only wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The Zen of Python, repeated to the 32 kB a 320-piece tokenizer needs: easy to memorise."""
+    zen = codecs.decode(this.s, "rot13")
+    path = tmp_path_factory.mktemp("corpus") / "zen.txt"
+    path.write_text((zen + "\n\n") * 40)
+    return path
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_warmup_peak_cosine_floor():
+    lr, warmup, decay = 1e-3, 10, 111  # steps 0..110
+    assert train.lr_at(0, lr, warmup, decay) == pytest.approx(1e-4)  # 1/10 of the way up
+    assert train.lr_at(4, lr, warmup, decay) == pytest.approx(5e-4)
+    assert train.lr_at(9, lr, warmup, decay) == pytest.approx(1e-3)  # peak reached at the end of warm-up
+    assert train.lr_at(10, lr, warmup, decay) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert train.lr_at(60, lr, warmup, decay) == pytest.approx(0.55e-3)  # half way: (1 + 0.1) / 2
+    assert train.lr_at(35, lr, warmup, decay) == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert train.lr_at(110, lr, warmup, decay) == pytest.approx(1e-4)  # 10% of the peak at the last step
+    assert train.lr_at(500, lr, warmup, decay) == pytest.approx(1e-4)  # and flat after it
+
+
+def test_weight_decay_on_matrices_and_stacked_experts_only():
+    model = Orion(OrionConfig.preset("toy", **TINY))
+    decay, no_decay = train.param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = {id(p) for p in decay["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in ids}
+    expected = {"embed.weight", "lm_head.weight"} | {
+        f"layers.{i}.{w}" for i in range(2)
+        for w in ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight",
+                  "moe.router.weight", "moe.w1", "moe.w2", "moe.w3")}
+    assert names == expected
+    no_decay_names = {n for n, p in model.named_parameters() if id(p) not in ids}
+    assert no_decay_names and all("norm" in n for n in no_decay_names)
+
+
+def test_aux_loss_reaches_the_router_only():
+    torch.manual_seed(0)
+    model = Orion(OrionConfig.preset("toy", **TINY, vocab_size=64))
+    x = torch.randint(0, 64, (2, 16))
+    ce, aux, counts = train.losses(model, x, x)
+    aux.backward()
+    for layer in model.layers:
+        assert layer.moe.router.weight.grad.abs().sum() > 0  # the aux loss's gradient reaches every router
+    # ... and only what feeds a router: not the last layer's experts, not the head
+    assert model.layers[-1].moe.w1.grad is None and model.lm_head.weight.grad is None
+    # counts: routed slots per expert, each layer's row sums to tokens x top_k
+    assert counts.shape == (2, 4) and counts.sum(-1).tolist() == [2 * 16 * 2] * 2
+    # the mean of the layers' load-balancing losses
+    _, routers = model(x, return_router=True)
+    assert aux.item() == pytest.approx(sum(load_balancing_loss(p, e).item() for p, e in routers) / 2)
+
+
+def test_tiny_model_overfits_tiny_corpus_and_logs(tmp_path, corpus):
+    out = tmp_path / "out"
+    train.main(tiny_run(tmp_path, corpus, out, "--max-iters", "120", "--eval-interval", "60", "--lr", "1e-2",
+                        "--warmup-iters", "10"))
+    log = read_log(out)
+    steps = [r for r in log if r["kind"] == "train"]
+    evals = [r for r in log if r["kind"] == "eval"]
+    assert [r["step"] for r in steps] == list(range(1, 121))
+    assert [r["step"] for r in evals] == [60, 120]
+    assert steps[0]["loss"] > 5.0  # starts near ln(vocab) ~ ln(320) = 5.8
+    assert steps[-1]["loss"] < 1.0 and evals[-1]["val_loss"] < 1.0  # memorised (val is more of the same text)
+    assert steps[-1]["tokens"] == 120 * 8 * 32
+    for r in steps:
+        assert set(r) == {"kind", "step", "tokens", "loss", "aux_loss", "lr", "tokens_per_s", "mfu", "expert_load"}
+        assert math.isfinite(r["aux_loss"]) and r["aux_loss"] >= 2 - 1e-4  # >= top_k, its value when perfectly even
+        assert r["tokens_per_s"] > 0 and r["mfu"] > 0
+        assert len(r["expert_load"]) == 2 and all(len(row) == 4 and abs(sum(row) - 1) < 1e-5 for row in r["expert_load"])
+    assert steps[-1]["lr"] == pytest.approx(1e-3)  # the cosine ends at 10% of --lr
+
+
+def test_resume_continues_exactly(tmp_path, corpus):
+    common = ["--max-iters", "6", "--eval-interval", "3", "--warmup-iters", "2", "--peak-flops", "1e11"]
+    whole = tmp_path / "whole"
+    train.main(tiny_run(tmp_path, corpus, whole, *common))
+    # Same run, stopped after step 3 (the schedule still ends at 6), then resumed.
+    split = tmp_path / "split"
+    train.main(tiny_run(tmp_path, corpus, split, *common[2:], "--max-iters", "3", "--lr-decay-iters", "6"))
+    model = train.main(tiny_run(tmp_path, corpus, split, *common[2:], "--max-iters", "6", "--lr-decay-iters", "6",
+                                "--resume"))
+
+    def without_timing(log):
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in log]
+
+    assert len(read_log(whole)) == 6 + 2
+    assert without_timing(read_log(split)) == without_timing(read_log(whole))  # losses, aux, load, lr: bit for bit
+    reference, _ = nano_orion.load(whole)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--data", str(tmp_path / "missing.txt"), "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path)])
+    assert "missing.txt: no such file or folder" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, corpus, capsys):
+    with pytest.raises(SystemExit):
+        train.main(tiny_run(tmp_path, corpus, tmp_path / "nothing", "--resume"))
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_interrupted_saves_never_mix_two_checkpoints(tmp_path):
+    files = ("model.safetensors", "config.json", "train_state.pt")
+    for f in files:
+        (tmp_path / f).write_text("old")
+    saving = tmp_path / ".saving"
+    # Killed while writing: no COMPLETE mark, the old checkpoint stays, the partial one goes.
+    saving.mkdir()
+    (saving / "model.safetensors").write_text("new")
+    train.commit_checkpoint(tmp_path)
+    assert [(tmp_path / f).read_text() for f in files] == ["old"] * 3 and not saving.exists()
+    # Killed while moving a complete one in: the next start finishes the move.
+    saving.mkdir()
+    for f in files:
+        (saving / f).write_text("new")
+    (saving / "COMPLETE").touch()
+    (saving / "model.safetensors").replace(tmp_path / "model.safetensors")  # the move got this far
+    train.commit_checkpoint(tmp_path)
+    assert [(tmp_path / f).read_text() for f in files] == ["new"] * 3 and not saving.exists()

@@ -1,0 +1,430 @@
+"""Train an Orion-MoE from scratch, with the recipe of Orion's model card.
+
+    python train.py                                  # toy model on the Python standard library, CPU ok
+    python train.py --data my_texts/ --max-iters 2000
+    torchrun --nproc_per_node 4 train.py --config toy --batch-size 32     # DDP, one process per GPU
+    python train.py --resume                         # continue exactly where --out-dir left off
+
+The recipe:
+  * AdamW, betas (0.9, 0.95), weight decay 0.1 on the 2-D and 3-D weights (matrices, the
+    embedding, the stacked experts (n_experts, ffn_dim, dim)); norms are not decayed;
+  * learning rate: linear warm-up, then cosine decay to 10% of the peak;
+  * gradients clipped to norm 1.0, accumulated over --grad-accum micro-batches;
+  * loss = cross-entropy + router_aux_loss_coef x the load-balancing loss averaged over
+    layers (nano_orion.moe.load_balancing_loss), which keeps the router from collapsing;
+  * bf16 autocast on GPUs that support it, float32 otherwise.
+
+One step sees grad_accum x world_size x batch_size sequences of block_size tokens. Each
+process (rank) draws its micro-batches from the step's global batch (data.get_batch), so
+the data order is a function of (seed, step) and a resumed run continues exactly.
+
+OUT_DIR is a nano_orion checkpoint (config.json, model.safetensors, tokenizer.model,
+tokenizer_config.json) that nano_orion.load() and generate.py read directly, plus
+train_state.pt (optimizer, step, RNG states) for --resume and log.jsonl, one JSON object
+per line:
+
+  {"kind": "train", "step", "tokens", "loss", "aux_loss", "lr", "tokens_per_s", "mfu",
+   "expert_load": [[share of routed slots per expert] per layer]}   (loss, aux_loss: the step's;
+                                          expert_load: over the steps since the previous line)
+  {"kind": "eval", "step", "val_loss"}
+
+A checkpoint is first written complete into OUT_DIR/.saving/, marked COMPLETE, then its
+files are moved into OUT_DIR (a rename each, atomic). A kill before the mark leaves the
+previous checkpoint untouched and the partial .saving/ is discarded; a kill during the
+moves (a few renames) is rolled forward by the next train.py started on OUT_DIR, so a
+resumed run never sees weights of one step with the optimizer state of another.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import nano_orion
+from nano_orion import Orion, OrionConfig, Tokenizer
+from nano_orion.config import PRESETS
+from nano_orion.data import DataError, get_batch, prepare, read_tokens
+from nano_orion.moe import load_balancing_loss
+
+# Dense bf16 peak of known GPUs (spec sheets, without sparsity), for the MFU estimate.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="toy",
+                   help=f"model shape: a preset ({', '.join(sorted(PRESETS))}) or a JSON file of OrionConfig fields; "
+                        "vocab_size is replaced by the tokenizer's (see --vocab-size)")
+    p.add_argument("--data", default=None,
+                   help="UTF-8 text file or folder of them; default: the Python standard library's sources")
+    p.add_argument("--data-dir", default="data", help="where prepared tokenizers and uint32 token files are cached")
+    p.add_argument("--vocab-size", type=int, default=4096,
+                   help="tokenizer pieces to train (capped for small corpora); the model's vocab_size is the "
+                        "tokenizer's piece count rounded up to a multiple of 64")
+    p.add_argument("--out-dir", default="out", help="checkpoint folder, also holding log.jsonl")
+    p.add_argument("--max-iters", type=int, default=500, help="optimizer steps to train for")
+    p.add_argument("--lr-decay-iters", type=int, default=None,
+                   help="step at which the cosine reaches 10%% of --lr (default: --max-iters); set it beyond "
+                        "--max-iters to stop early and extend the run later with --resume")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per sequence (at most the model's max_seq_len)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup-iters", type=int, default=50, help="steps of linear warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the 2-D and 3-D weights")
+    p.add_argument("--eval-interval", type=int, default=100,
+                   help="steps between validation, a text sample and a checkpoint (also done at the end)")
+    p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
+    p.add_argument("--log-interval", type=int, default=10, help="steps between log.jsonl lines")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype (weights and optimizer stay float32); auto: bfloat16 on GPUs that support it")
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard weights, gradients and optimizer "
+                   "state across processes with FSDP2 (fully_shard) instead of replicating them with DDP")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="the device's peak FLOP/s for MFU; default: a spec-sheet table for known GPUs, else a "
+                        "measured large-matmul rate (so CPU MFU is relative to what matmul achieves)")
+    args = p.parse_args(argv)
+    for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.config not in PRESETS and not Path(args.config).is_file():
+        p.error(f"--config {args.config}: neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
+    if args.warmup_iters < 0:
+        p.error(f"--warmup-iters must be at least 0, got {args.warmup_iters}")
+    return p, args
+
+
+# ---- the recipe ------------------------------------------------------------------------
+
+
+def lr_at(step: int, lr: float, warmup_iters: int, decay_iters: int, min_ratio: float = 0.1) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up to `lr` over the
+    first warmup_iters steps, then cosine from `lr` down to min_ratio x lr, reached by the
+    last step, decay_iters - 1, and kept after it."""
+    if step < warmup_iters:
+        return lr * (step + 1) / warmup_iters
+    if step >= decay_iters - 1:
+        return min_ratio * lr
+    progress = (step - warmup_iters) / (decay_iters - 1 - warmup_iters)  # 0 -> 1
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and the 3-D stacked experts), none on norm weights and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def losses(model, x, y):
+    """Cross-entropy of next-token prediction, the load-balancing loss averaged over layers,
+    and each layer's routed-slot count per expert (n_layers, n_experts)."""
+    logits, routers = model(x, return_router=True)
+    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    aux = torch.stack([load_balancing_loss(probs, experts) for probs, experts in routers]).mean()
+    n_experts = routers[0][0].shape[-1]
+    counts = torch.stack([experts.flatten().bincount(minlength=n_experts) for _, experts in routers])
+    return ce, aux, counts
+
+
+# ---- devices and processes -------------------------------------------------------------
+
+
+def setup_device(args):
+    """-> (device, autocast dtype or None, rank, world_size); joins the torchrun group if there is one."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return device, (torch.bfloat16 if dtype == "bfloat16" else None), rank, world
+
+
+def peak_flops(device, amp_dtype) -> float:
+    """FLOP/s the MFU is relative to: the spec sheet for known GPUs, else a measured matmul."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    n = 1024
+    a = torch.randn(n, n, device=device, dtype=amp_dtype or torch.float32)
+    a @ a  # warm-up
+    reps, t0 = 3, time.perf_counter()
+    for _ in range(reps):
+        a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def gradient_sync(model, sync: bool):
+    """Context for one micro-batch's backward: all-reduce gradients only on the last one."""
+    if isinstance(model, DDP) and not sync:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+# ---- checkpoints -----------------------------------------------------------------------
+
+
+def commit_checkpoint(out_dir: Path) -> None:
+    """Move a COMPLETE-marked OUT_DIR/.saving/ into OUT_DIR (or finish moving it after a
+    kill); discard a .saving/ without the mark, which a kill left half-written."""
+    saving = out_dir / ".saving"
+    if not saving.exists():
+        return
+    if (saving / "COMPLETE").exists():
+        for f in saving.iterdir():
+            if f.name != "COMPLETE":
+                os.replace(f, out_dir / f.name)
+    shutil.rmtree(saving)
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, config, tokenizer_file: Path, train_state: dict, rank: int) -> None:
+    # Every rank takes part in gathering the full (unsharded) state; rank 0 writes it.
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    saving = out_dir / ".saving"
+    shutil.rmtree(saving, ignore_errors=True)
+    with torch.device("meta"):
+        export = Orion(config)
+    export.load_state_dict(model_state, assign=True)
+    nano_orion.save(export, saving)
+    shutil.copy(tokenizer_file, saving / "tokenizer.model")
+    (saving / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": False}) + "\n")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({**train_state, "optimizer": optim_state, "rng": rng}, saving / "train_state.pt")
+    (saving / "COMPLETE").touch()
+    commit_checkpoint(out_dir)
+
+
+def load_checkpoint(out_dir: Path, model, optimizer) -> dict:
+    state = torch.load(out_dir / "train_state.pt", weights_only=True)
+    model_state = load_file(out_dir / "model.safetensors")
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+def truncate_log(log_file: Path, step: int) -> None:
+    """Drop log lines past `step` (written after the checkpoint a run resumes from)."""
+    if log_file.exists():
+        lines = [l for l in log_file.read_text().splitlines() if json.loads(l)["step"] <= step]
+        log_file.write_text("".join(l + "\n" for l in lines))
+
+
+# ---- evaluation ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, val, args, device, autocast) -> float:
+    """Mean validation cross-entropy over --eval-iters fixed batches (the same ones every time)."""
+    total = 0.0
+    for i in range(args.eval_iters):
+        x, y = get_batch(val, args.batch_size, args.block_size, seed=args.seed + 1, step=i)
+        with autocast:
+            logits = model(x.to(device))
+        total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten()).item()
+    return total / args.eval_iters
+
+
+def sample_text(model, tokenizer, prompt_ids, device, n_tokens: int = 96) -> str:
+    """A temperature-0.8 continuation of prompt_ids with a fixed seed, to watch learning
+    (in float32, the weights' own dtype, which the KV cache takes)."""
+    n_tokens = min(n_tokens, model.config.max_seq_len - len(prompt_ids))
+    g = torch.Generator(device).manual_seed(0)
+    idx = torch.tensor([prompt_ids], device=device)
+    out = nano_orion.generate(model, idx, n_tokens, temperature=0.8, generator=g)
+    return tokenizer.decode(prompt_ids) + "|>" + tokenizer.decode(out[0, len(prompt_ids):].tolist())
+
+
+# ---- training --------------------------------------------------------------------------
+
+
+def main(argv=None):
+    """Train as the command line `argv` says; returns the trained model (this process's replica or shard)."""
+    parser, args = parse_args(argv)
+    device, amp_dtype, rank, world = setup_device(args)
+    master = rank == 0
+    say = tqdm.write if master else (lambda *a, **k: None)
+    out_dir = Path(args.out_dir)
+    decay_iters = args.lr_decay_iters or args.max_iters
+
+    # Data: rank 0 prepares (or finds) the cached tokenizer and token files, the others wait.
+    try:
+        if master:
+            data_dir = prepare(args.data, args.data_dir, args.vocab_size, log=say)
+        if world > 1:
+            shared = [data_dir if master else None]
+            dist.broadcast_object_list(shared)
+            data_dir = shared[0]
+    except DataError as e:
+        parser.error(str(e))
+    train_tokens, val_tokens = read_tokens(data_dir / "train.bin"), read_tokens(data_dir / "val.bin")
+    tokenizer_file = data_dir / "tokenizer.model"
+    tokenizer = Tokenizer(tokenizer_file)
+
+    # Model: the preset's shape with the tokenizer's vocabulary (rounded up to a multiple of 64).
+    vocab_size = -(-tokenizer.n_pieces // 64) * 64
+    if args.config in PRESETS:
+        config = OrionConfig.preset(args.config, vocab_size=vocab_size)
+    else:
+        try:
+            config = OrionConfig.from_dict({**json.loads(Path(args.config).read_text()), "vocab_size": vocab_size})
+        except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid fields
+            parser.error(f"--config {args.config}: {e}")
+    if args.block_size > config.max_seq_len:
+        parser.error(f"--block-size {args.block_size} exceeds the model's max_seq_len {config.max_seq_len}")
+    if min(len(train_tokens), len(val_tokens)) <= args.block_size + 1:
+        parser.error(f"{data_dir}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens cannot fill a block of "
+                     f"{args.block_size}; use a smaller --block-size or more data")
+    if args.resume and not (out_dir / "train_state.pt").exists() and not (out_dir / ".saving" / "COMPLETE").exists():
+        parser.error(f"--resume: no checkpoint in {out_dir} (train_state.pt missing); train without --resume first")
+    torch.manual_seed(args.seed)
+    raw_model = Orion(config).to(device)  # the module itself: sampled from and checkpointed
+    if world > 1 and args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in raw_model.layers:  # each block's weights are gathered only while it runs
+            fully_shard(block)
+        fully_shard(raw_model)
+    model = torch.compile(raw_model) if args.compile else raw_model
+    if world > 1 and not args.fsdp:
+        # Experts that receive no token in a micro-batch get no gradient: find_unused_parameters.
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    optimizer = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                                  fused=device.type in ("cpu", "cuda"))
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+    if master:
+        commit_checkpoint(out_dir)  # finish (or discard) a save a kill interrupted
+    if world > 1:
+        dist.barrier()
+    step, tokens = 0, 0
+    if args.resume:
+        saved = json.loads((out_dir / "config.json").read_text())["config"]
+        if saved != config.to_dict() or (out_dir / "tokenizer.model").read_bytes() != tokenizer_file.read_bytes():
+            parser.error(f"--resume: the checkpoint in {out_dir} has another model shape or tokenizer; "
+                         "resume with the same --config, --data and --vocab-size")
+        state = load_checkpoint(out_dir, raw_model, optimizer)
+        step, tokens = state["step"], state["tokens"]
+        if master:
+            truncate_log(out_dir / "log.jsonl", step)
+            say(f"resumed from {out_dir} at step {step}")
+    elif master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "log.jsonl").unlink(missing_ok=True)
+
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
+    flops_per_token = 6 * config.n_active_params()  # forward 2N, backward 4N (attention scores left out)
+    peak = args.peak_flops or peak_flops(device, amp_dtype)
+    say(f"{args.config}: {config.n_params() / 1e6:.2f} M parameters, {config.n_active_params() / 1e6:.2f} M active "
+        f"per token, vocab {config.vocab_size}; {world} process(es) on {device}, {amp_dtype or torch.float32}; "
+        f"{tokens_per_step:,} tokens per step; MFU relative to {peak / 1e12:.3g} TFLOP/s")
+    prompt_ids = val_tokens[:16].tolist()
+    log_file = out_dir / "log.jsonl"
+
+    def log(record):
+        if master:
+            with open(log_file, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def eval_sample_save():
+        val_loss = evaluate(model, val_tokens, args, device, autocast)
+        log({"kind": "eval", "step": step, "val_loss": val_loss})
+        say(f"step {step}: val loss {val_loss:.4f}")
+        if not args.fsdp:  # generating token by token would gather every layer each token
+            say("  sample: " + sample_text(raw_model, tokenizer, prompt_ids, device).replace("\n", "\n  "))
+        say("  expert load (% of routed slots), layer by layer:\n" + "\n".join(
+            f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)))
+        save_checkpoint(out_dir, raw_model, optimizer, config, tokenizer_file,
+                        {"step": step, "tokens": tokens, "args": vars(args)}, rank)
+
+    bar = tqdm(total=args.max_iters, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+    counts = torch.zeros(config.n_layers, config.n_experts, device=device)  # routed slots since the last log line
+    expert_load = [[1 / config.n_experts] * config.n_experts] * config.n_layers
+    t_log, tokens_log = time.perf_counter(), tokens
+    while step < args.max_iters:
+        lr = lr_at(step, args.lr, args.warmup_iters, decay_iters)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = torch.zeros(2, device=device)  # this step's cross-entropy and aux loss, summed over micro-batches
+        for micro in range(args.grad_accum):
+            x, y = get_batch(train_tokens, args.batch_size, args.block_size, args.seed, step,
+                             micro=micro * world + rank, n_micro=args.grad_accum * world)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with gradient_sync(model, sync=micro == args.grad_accum - 1):
+                with autocast:
+                    ce, aux, c = losses(model, x, y)
+                ((ce + config.router_aux_loss_coef * aux) / args.grad_accum).backward()
+            stats += torch.stack([ce.detach(), aux.detach()]) / args.grad_accum
+            counts += c
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += tokens_per_step
+        bar.update()
+
+        if step % args.log_interval == 0 or step == args.max_iters:
+            if world > 1:
+                dist.all_reduce(stats)
+                dist.all_reduce(counts)
+                stats /= world
+            loss, aux_loss = stats.tolist()
+            expert_load = (counts / counts.sum(-1, keepdim=True)).tolist()
+            counts.zero_()
+            dt = time.perf_counter() - t_log
+            tok_s = (tokens - tokens_log) / dt
+            mfu = tok_s * flops_per_token / world / peak
+            t_log, tokens_log = time.perf_counter(), tokens
+            log({"kind": "train", "step": step, "tokens": tokens, "loss": loss, "aux_loss": aux_loss, "lr": lr,
+                 "tokens_per_s": tok_s, "mfu": mfu, "expert_load": expert_load})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
+        if step % args.eval_interval == 0 or step == args.max_iters:
+            eval_sample_save()
+            t_log = time.perf_counter()  # evaluation time is not training throughput
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return raw_model
+
+
+if __name__ == "__main__":
+    main()
