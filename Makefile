@@ -44,8 +44,8 @@ demo: install
 
 # ---- speed: generation, then training, each against transformers in one run ----
 bench: install
-	$(PY) benchmarks/bench_generate.py
-	$(PY) benchmarks/bench_train.py
+	$(PY) -m benchmarks.bench_generate
+	$(PY) -m benchmarks.bench_train
 
 # ---- figures: CHECKPOINT's router is drawn; TRAIN_LOG (train.py's OUT_DIR/log.jsonl) gives
 # the loss and expert-load figures, skipped when empty. Installs the `docs` extra (matplotlib).

@@ -10,8 +10,8 @@ descheduled does not inflate (with one torch thread, OMP_NUM_THREADS=1, it is th
 cleanest comparison). The output layer and its cross-entropy, the same work in both, are
 timed alone too: they bound how far any model code can pull ahead.
 
-    python benchmarks/bench_train.py                       # toy shape, 16 x 128 tokens
-    python benchmarks/bench_train.py --batch-size 8 --block-size 256 --steps 10
+    python -m benchmarks.bench_train                       # toy shape, 16 x 128 tokens
+    python -m benchmarks.bench_train --batch-size 8 --block-size 256 --steps 10
 """
 
 import argparse
@@ -21,36 +21,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import MixtralConfig, MixtralForCausalLM
 
 import train
 from nano_orion import Orion, OrionConfig
 from nano_orion.config import PRESETS
-
-
-def to_mixtral(model: Orion) -> MixtralForCausalLM:
-    """The same weights as a transformers Mixtral (needs norm_type="rmsnorm")."""
-    c = model.config
-    hf = MixtralForCausalLM(MixtralConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, num_local_experts=c.n_experts,
-        num_experts_per_tok=c.top_k, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps,
-        max_position_embeddings=c.max_seq_len, output_router_logits=True, router_aux_loss_coef=c.router_aux_loss_coef,
-        tie_word_embeddings=False))
-    ours = model.state_dict()
-    theirs = {"model.embed_tokens.weight": ours["embed.weight"], "model.norm.weight": ours["norm.weight"],
-              "lm_head.weight": ours["lm_head.weight"]}
-    for i in range(c.n_layers):
-        p, q = f"layers.{i}.", f"model.layers.{i}."
-        for w in "qkvo":
-            theirs[q + f"self_attn.{w}_proj.weight"] = ours[p + f"attn.w{w}.weight"]
-        theirs[q + "input_layernorm.weight"] = ours[p + "attn_norm.weight"]
-        theirs[q + "post_attention_layernorm.weight"] = ours[p + "moe_norm.weight"]
-        theirs[q + "mlp.gate.weight"] = ours[p + "moe.router.weight"]
-        theirs[q + "mlp.experts.gate_up_proj"] = torch.cat([ours[p + "moe.w1"], ours[p + "moe.w3"]], dim=1)  # (E, 2F, D)
-        theirs[q + "mlp.experts.down_proj"] = ours[p + "moe.w2"]  # (E, D, F)
-    hf.load_state_dict(theirs, strict=True)
-    return hf
+from nano_orion.hf_mixtral import to_mixtral
 
 
 def main():
@@ -64,7 +39,7 @@ def main():
     torch.manual_seed(0)
     config = OrionConfig.preset(args.config, norm_type="rmsnorm")  # Mixtral's norm
     nano = Orion(config)
-    hf = to_mixtral(nano)
+    hf = to_mixtral(nano, attn_implementation="sdpa").train()  # transformers' default attention
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1), generator=g)
                for _ in range(args.steps + 2)]
