@@ -66,9 +66,12 @@ class OrionConfig:
 
     # ---- sizes, computed from the shape ----------------------------------------------
 
+    def _attention_params(self) -> int:
+        return self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)  # wq, wo; wk, wv
+
     def n_params(self) -> int:
         """Every parameter of the model (equals the sum of its tensors' sizes)."""
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)  # wq, wo; wk, wv
+        attn = self._attention_params()
         router = self.dim * self.n_experts
         experts = self.n_experts * 3 * self.dim * self.ffn_dim  # w1, w3, w2
         norm = self.dim * (2 if self.norm_type == "layernorm" else 1)  # weight (+ bias)
@@ -78,8 +81,7 @@ class OrionConfig:
     def n_active_params(self) -> int:
         """Weights one token multiplies through: attention, router and top_k experts per layer,
         plus lm_head (the embedding is a lookup, the norms are negligible)."""
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        per_layer = attn + self.dim * self.n_experts + self.top_k * 3 * self.dim * self.ffn_dim
+        per_layer = self._attention_params() + self.dim * self.n_experts + self.top_k * 3 * self.dim * self.ffn_dim
         return self.n_layers * per_layer + self.vocab_size * self.dim
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:

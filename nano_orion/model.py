@@ -115,6 +115,10 @@ class Orion(nn.Module):
         end = start_pos + T
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if start_pos > 0 and cache is None:
+            raise ValueError(f"start_pos={start_pos} needs the KV cache holding positions 0..{start_pos - 1} (model.new_cache)")
+        if pad_mask is not None and (pad_mask.shape[0] != B or pad_mask.shape[1] < end):
+            raise ValueError(f"pad_mask must cover every position so far, shape ({B}, {end}); got {tuple(pad_mask.shape)}")
         if pad_mask is None:
             positions = torch.arange(start_pos, end, device=idx.device).expand(B, T)
         else:

@@ -1,5 +1,6 @@
 """Masking, padding, the KV cache and grouped-query attention, on whole models."""
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -141,3 +142,14 @@ def test_attention_mask_by_hand():
         [False, False, True, True],
     ]
     assert attention_mask(5) is None  # the plain causal case goes to is_causal=True
+
+
+def test_inconsistent_cache_arguments_are_refused_with_a_reason():
+    model = random_model(OrionConfig.preset("toy", n_layers=1, vocab_size=64, max_seq_len=32))
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="needs the KV cache"):
+        model(idx, start_pos=4)
+    with pytest.raises(ValueError, match="pad_mask must cover"):
+        model(idx, cache=model.new_cache(2, 10), start_pos=4, pad_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(torch.zeros(1, 33, dtype=torch.long))
