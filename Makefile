@@ -43,9 +43,12 @@ demo: install
 		--prompt "$$(printf 'class Parser:\n    def __init__(self')" --max-new-tokens 200 --seed 0
 
 # ---- speed: generation, then training, each against transformers in one run ----
+# GEN_BENCH_ARGS: e.g. "--threads 1 --compile" adds a torch.compile'd decode step (a minute or two more).
+GEN_BENCH_ARGS ?= --threads 1
+TRAIN_BENCH_ARGS ?=
 bench: install
-	$(PY) -m benchmarks.bench_generate
-	$(PY) -m benchmarks.bench_train
+	$(PY) -m benchmarks.bench_generate $(GEN_BENCH_ARGS)
+	$(PY) -m benchmarks.bench_train $(TRAIN_BENCH_ARGS)
 
 # ---- figures: CHECKPOINT's router is drawn; TRAIN_LOG (train.py's OUT_DIR/log.jsonl) gives
 # the loss and expert-load figures, skipped when empty. Installs the `docs` extra (matplotlib).
