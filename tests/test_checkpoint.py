@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, random_model
 
 import nano_orion
 from nano_orion import CheckpointError, OrionConfig
 from nano_orion.checkpoint import convert_hf, placement, plan_placement
+
+from conftest import FIXTURES, random_model
 
 
 def small_model(norm_type="layernorm", n_layers=3, seed=0) -> nano_orion.Orion:
