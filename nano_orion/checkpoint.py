@@ -463,7 +463,9 @@ def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int =
     with output_folder(out, src, _needed_bytes(config, dtype, src, weight_files(src)), force) as tmp:
         write_shards(hf_tensors(), tmp, max_shard_bytes)
         hf_config = config.to_hf_config()
-        hf_config["router_jitter_noise"] = 0.0  # the released file's 0 is an int, which transformers 5 refuses
+        # The released config.json says "router_jitter_noise": 0, an int; transformers 5 checks
+        # the type of this field (MixtralConfig: "expected float, got int"), so export writes 0.0.
+        hf_config["router_jitter_noise"] = 0.0
         if config.norm_type == "rmsnorm":
             # Exactly Mixtral: let transformers load it natively. transformers 5 maps the per-expert
             # tensor names to its fused layout only for model_type "mixtral"; auto_map still names
