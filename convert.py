@@ -12,7 +12,7 @@ one line naming the file, the problem and the fix, exits with status 1 and leave
 import argparse
 import sys
 
-from nano_orion.checkpoint import DTYPES, CheckpointError, convert_hf, export_hf
+from nano_orion.checkpoint import DTYPES, MAX_SHARD_BYTES, CheckpointError, convert_hf, export_hf
 
 
 def main(argv=None) -> int:
@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--to-hf", action="store_true", help="export a nano_orion checkpoint to the released layout (safetensors), "
                         "loadable where the original loads (and, for RMSNorm models, by transformers' MixtralForCausalLM)")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only once the new folder is complete)")
-    parser.add_argument("--shard-gb", type=float, default=5.0, help="largest output shard, in GB (default: 5)")
+    parser.add_argument("--shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9, help="largest output shard, in GB (default: %(default)g)")
     args = parser.parse_args(argv)
     try:
         if args.dtype is not None and args.dtype not in DTYPES:

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 import nano_orion
+from nano_orion.checkpoint import DTYPES
 from nano_orion.quantize import quantize_model
-from nano_orion.sampler import generate_text
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from nano_orion.sampler import decode_step_of, generate_text
 
 
 def parse_args(argv=None):
@@ -46,8 +45,20 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.prompt, args.prompt_file, args.prompt_ids)) > 1:
         p.error("give only one of --prompt, --prompt-file, --prompt-ids")
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        p.error("--max-new-tokens and --num-samples must be at least 1")
+    if args.prompt_file is not None and not Path(args.prompt_file).is_file():
+        p.error(f"--prompt-file {args.prompt_file}: no such file; give a text file holding the prompt")
+    ranges = [  # (flag, value, valid, the valid range in words)
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
+        ("--num-samples", args.num_samples, args.num_samples >= 1, "at least 1"),
+        ("--temperature", args.temperature, args.temperature >= 0, "0 (greedy) or more"),
+        ("--top-k", args.top_k, args.top_k >= 0, "0 (off) or more"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]; 1 = off"),
+        ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0, "above 0; 1 = off"),
+        ("--no-repeat-ngram-size", args.no_repeat_ngram_size, args.no_repeat_ngram_size >= 0, "0 (off) or more"),
+    ]
+    for flag, value, valid, allowed in ranges:
+        if not valid:
+            p.error(f"{flag} {value:g}: must be {allowed}")
     args.dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
     return p, args
 
@@ -74,11 +85,7 @@ def load(p, args):
 def main(argv=None):
     p, args = parse_args(argv)
     model, tokenizer = load(p, args)
-    decode_step = None
-    if args.compile:
-        def step(next_id, cache, start_pos, pad_mask):
-            return model(next_id, cache=cache, start_pos=start_pos, pad_mask=pad_mask)
-        decode_step = torch.compile(step, dynamic=True)
+    decode_step = torch.compile(decode_step_of(model), dynamic=True) if args.compile else None
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     sampling = dict(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,

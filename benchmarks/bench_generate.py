@@ -19,6 +19,7 @@ import torch
 import nano_orion
 from nano_orion import Orion, OrionConfig
 from nano_orion.hf_mixtral import to_mixtral
+from nano_orion.sampler import decode_step_of
 
 # Two shapes, both Orion's architecture (8 experts top-2, GQA, RMSNorm as in Mixtral):
 #  * "toy": the model `make demo` trains (4 layers, dim 128; 4.4 M parameters). Its weights
@@ -96,10 +97,7 @@ def run(name: str, c: OrionConfig, args):
         rows.append((f"decode batch {batch} (tok/s)", ours, theirs, ours / theirs))
 
     if args.compile:
-        def step(next_id, cache, start_pos, pad_mask):
-            return model(next_id, cache=cache, start_pos=start_pos, pad_mask=pad_mask)
-
-        compiled = torch.compile(step, dynamic=True)
+        compiled = torch.compile(decode_step_of(model), dynamic=True)
 
         def nano_compiled(idx, n):
             return nano_orion.generate(model, idx, n, decode_step=compiled)

@@ -28,8 +28,9 @@ a time, so the loaders and the converter share one path and one set of error mes
   ``torch.load(weights_only=True)``, which only rebuilds plain tensors and containers and
   refuses anything else before running it, and ``mmap=True``.
 * Clear errors. Every problem is a `CheckpointError` whose one-line message names the
-  file, the problem and what to do. Converting writes into a temporary folder beside the
-  output and renames it at the end, so a failure leaves nothing behind.
+  file, the problem and what to do. Saving and converting write into a temporary folder
+  beside the output and rename the files into place at the end, so a failure leaves
+  nothing behind and changes nothing.
 * Several GPUs. ``device="auto"`` (or a list of devices) splits the layers across the
   devices, pipeline style (`plan_placement`): the residual stream hops from one device to
   the next, so two 80 GB GPUs hold the 96 GB of bf16 weights.
@@ -56,6 +57,7 @@ FORMAT_VERSION = 1
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
 INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 10**9  # largest weight file written: 5 GB, as the released checkpoint's shards
 
 
 class CheckpointError(Exception):
@@ -346,12 +348,37 @@ def write_config(folder: Path, config: OrionConfig) -> None:
     (folder / "config.json").write_text(json.dumps({"nano_orion": FORMAT_VERSION, "config": config.to_dict()}, indent=2) + "\n")
 
 
-def save(model: Orion, folder, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write `model` as a nano_orion checkpoint into `folder` (created if needed)."""
-    folder = Path(folder)
+def _is_saved_file(name: str) -> bool:
+    """A file `save` writes: config.json, the weights and the index (not tokenizer or other files)."""
+    return name in ("config.json", "model.safetensors", INDEX) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None
+
+
+def save(model: Orion, folder, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write `model` as a nano_orion checkpoint into `folder` (created if needed).
+
+    The files are written into a temporary folder beside `folder` first, so a failed save
+    changes nothing. Then the previous checkpoint's config.json and weights (the files
+    `_is_saved_file` names, stale shards included) move aside, the new ones move in, and
+    the old ones are deleted. Other files in `folder` (tokenizer, logs) stay untouched."""
+    folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    write_shards(model.state_dict().items(), folder, max_shard_bytes)
-    write_config(folder, model.config)
+    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        write_shards(model.state_dict().items(), tmp, max_shard_bytes)
+        write_config(tmp, model.config)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old.mkdir()  # renames only from here on; if one fails, tmp and old still hold every file
+    for f in folder.iterdir():
+        if _is_saved_file(f.name):
+            f.rename(old / f.name)
+    for f in tmp.iterdir():
+        f.rename(folder / f.name)
+    tmp.rmdir()
+    shutil.rmtree(old)
 
 
 # ---- converting -------------------------------------------------------------------------------
@@ -407,7 +434,7 @@ def _needed_bytes(config: OrionConfig, dtype, src: Path, files) -> int:
     return config.n_params() * dtype.itemsize
 
 
-def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, force: bool = False) -> None:
+def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
     """Released layout in `src` -> nano_orion checkpoint in `out`, one input shard at a time."""
     src, out = Path(src), Path(out)
     config, tensors = read_hf(src, dtype)
@@ -418,7 +445,7 @@ def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int 
         _copy_tokenizer(src, tmp)
 
 
-def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 10**9, force: bool = False) -> None:
+def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
     """nano_orion checkpoint in `src` -> the released layout in `out` (safetensors, same tensor
     names and config.json keys as the original, plus our "norm_type"), one shard at a time.
     An RMSNorm model gets model_type "mixtral", so transformers' MixtralForCausalLM loads it."""
@@ -436,7 +463,9 @@ def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int =
     with output_folder(out, src, _needed_bytes(config, dtype, src, weight_files(src)), force) as tmp:
         write_shards(hf_tensors(), tmp, max_shard_bytes)
         hf_config = config.to_hf_config()
-        hf_config["router_jitter_noise"] = 0.0  # the released file's 0 is an int, which transformers 5 refuses
+        # The released config.json says "router_jitter_noise": 0, an int; transformers 5 checks
+        # the type of this field (MixtralConfig: "expected float, got int"), so export writes 0.0.
+        hf_config["router_jitter_noise"] = 0.0
         if config.norm_type == "rmsnorm":
             # Exactly Mixtral: let transformers load it natively. transformers 5 maps the per-expert
             # tensor names to its fused layout only for model_type "mixtral"; auto_map still names

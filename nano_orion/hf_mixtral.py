@@ -40,7 +40,7 @@ def to_mixtral(model: Orion, attn_implementation: str = "eager"):
         tie_word_embeddings=False,
     )
     hf_config._attn_implementation = attn_implementation
-    dtype = model.lm_head.weight.dtype
+    dtype = model.embed.weight.dtype  # not lm_head: int8 after quantize_model
     with torch.device("meta"):
         hf = MixtralForCausalLM(hf_config)
     if c.norm_type == "layernorm":
@@ -65,4 +65,4 @@ def to_mixtral(model: Orion, attn_implementation: str = "eager"):
     state = {k: v.detach().clone().to(dtype) for k, v in state.items()}
     hf.load_state_dict(state, strict=True, assign=True)
     hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)  # its inv_freq buffer, off the meta device
-    return hf.to(model.lm_head.weight.device).eval()
+    return hf.to(model.embed.weight.device).eval()

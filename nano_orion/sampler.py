@@ -93,6 +93,17 @@ def sample(logits, temperature: float = 0.0, generator: torch.Generator | None =
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
+def decode_step_of(model):
+    """The one-token decode step, step(next_id, cache, start_pos, pad_mask) -> logits (B, 1, V),
+    as a plain function of tensors: what `generate_tokens` calls each step, and what the
+    callers wrap in torch.compile."""
+
+    def step(next_id, cache, start_pos, pad_mask):
+        return model(next_id, cache=cache, start_pos=start_pos, pad_mask=pad_mask)
+
+    return step
+
+
 @torch.inference_mode()
 def generate_tokens(
     model,
@@ -112,12 +123,12 @@ def generate_tokens(
     idx (B, T) prompts, left-padded when of different lengths, with pad_mask (B, T) True
     at real tokens. decode_step(next_id, cache, start_pos, pad_mask) -> logits (B, 1, V)
     replaces the model call for one-token steps (e.g. a torch.compile'd one); its default
-    is the model itself.
+    is `decode_step_of(model)`, the model itself.
     """
     B, T = idx.shape
     if max_new_tokens <= 0:
         return
-    decode_step = decode_step or (lambda i, cache, pos, mask: model(i, cache=cache, start_pos=pos, pad_mask=mask))
+    decode_step = decode_step or decode_step_of(model)
     cache = model.new_cache(B, T + max_new_tokens)
     ids = idx
     logits = model(idx, cache=cache, pad_mask=pad_mask)[:, -1]  # prefill: (B, vocab_size)

@@ -1,5 +1,7 @@
 """Shared test helpers: the fixture checkpoints and random small models."""
 
+import functools
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,8 +11,20 @@ from safetensors.torch import load_file
 
 from nano_orion import Orion, OrionConfig
 
-FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
 FIXTURE_NAMES = ["orion-mini-layernorm", "orion-mini-rmsnorm"]
+
+
+@functools.cache
+def load_script(relative_path: str):
+    """A script of the repository (generate.py, convert.py, docs/make_figures.py) imported
+    as a module, so that tests can call its functions and main(argv)."""
+    path = ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def reference(name: str) -> dict[str, torch.Tensor]:

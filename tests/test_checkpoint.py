@@ -4,19 +4,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import nano_orion
 from nano_orion import CheckpointError, OrionConfig
 from nano_orion.checkpoint import convert_hf, placement, plan_placement
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import FIXTURES, random_model
 
 
-def small_model(norm_type="layernorm") -> nano_orion.Orion:
-    config = OrionConfig.preset("toy", norm_type=norm_type, vocab_size=100, dim=32, n_layers=3, ffn_dim=16, max_seq_len=32)
-    torch.manual_seed(0)
-    return nano_orion.Orion(config).eval()
+def small_model(norm_type="layernorm", n_layers=3, seed=0) -> nano_orion.Orion:
+    config = OrionConfig.preset("toy", norm_type=norm_type, vocab_size=100, dim=32, n_layers=n_layers, ffn_dim=16, max_seq_len=32)
+    return random_model(config, seed)
+
+
+def assert_same_weights(loaded, model):
+    original = model.state_dict()
+    assert loaded.config == model.config and loaded.state_dict().keys() == original.keys()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
 
 
 def test_save_load_round_trip_sharded(tmp_path):
@@ -24,14 +29,41 @@ def test_save_load_round_trip_sharded(tmp_path):
     nano_orion.save(model, tmp_path, max_shard_bytes=20_000)
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2 and (tmp_path / "model.safetensors.index.json").exists()
     loaded, tokenizer = nano_orion.load(tmp_path)
-    assert tokenizer is None and loaded.config == model.config
-    original = model.state_dict()
-    assert loaded.state_dict().keys() == original.keys()
-    for name, tensor in loaded.state_dict().items():
-        assert torch.equal(tensor, original[name]), name
+    assert tokenizer is None
+    assert_same_weights(loaded, model)
     idx = torch.randint(0, 100, (2, 9))
     with torch.no_grad():  # same weights; kernels may round differently on differently aligned memory
         torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=1e-6)
+
+
+def test_saving_again_replaces_the_weights_and_keeps_other_files(tmp_path):
+    folder = tmp_path / "ckpt"
+    nano_orion.save(small_model(n_layers=3), folder, max_shard_bytes=20_000)  # sharded, with an index
+    assert (folder / "model.safetensors.index.json").exists()
+    (folder / "train_state.pt").write_bytes(b"not ours")
+    (folder / "log.jsonl").write_text("{}\n")
+    smaller = small_model(n_layers=1, seed=1)
+    nano_orion.save(smaller, folder)  # one file: the old shards and index must go
+    assert_same_weights(nano_orion.load(folder)[0], smaller)
+    assert sorted(f.name for f in folder.iterdir()) == ["config.json", "log.jsonl", "model.safetensors", "train_state.pt"]
+    assert (folder / "train_state.pt").read_bytes() == b"not ours"
+    assert [f.name for f in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left beside it
+
+
+def test_failed_save_changes_nothing(tmp_path, monkeypatch):
+    folder = tmp_path / "ckpt"
+    model = small_model()
+    nano_orion.save(model, folder)
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+
+    def disk_full(*args):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("nano_orion.checkpoint.write_config", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        nano_orion.save(small_model(n_layers=1, seed=1), folder)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert [f.name for f in tmp_path.iterdir()] == ["ckpt"]
 
 
 def _mapped_files(tensor: torch.Tensor) -> set[str]:
@@ -60,10 +92,14 @@ def test_load_does_not_copy_weights(tmp_path):
     assert not _mapped_files(model32.lm_head.weight) & shards
 
 
-def test_load_splits_layers_over_a_list_of_devices(tmp_path):
+def test_load_splits_layers_over_a_list_of_devices(tmp_path, monkeypatch):
+    """Two CPU "devices" are the same torch.device, so the split is checked on the plan."""
     model = small_model("rmsnorm")
     nano_orion.save(model, tmp_path)
+    plans = []
+    monkeypatch.setattr("nano_orion.checkpoint.plan_placement", lambda sizes, capacities: plans.append(plan_placement(sizes, capacities)) or plans[-1])
     split, _ = nano_orion.load(tmp_path, device=["cpu", "cpu"])
+    assert plans == [[0, 0, 0, 1, 1]]  # embed, layers 0-2, norm + head: first half on device 0
     idx = torch.randint(0, 100, (1, 7))
     out = nano_orion.generate(split, idx, max_new_tokens=5)
     assert torch.equal(out, nano_orion.generate(model, idx, max_new_tokens=5))

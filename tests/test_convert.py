@@ -1,6 +1,5 @@
 """convert.py: released layout <-> nano_orion, parity after conversion, and every bad input refused cleanly."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,14 +12,12 @@ from safetensors.torch import load_file, save_file
 
 import nano_orion
 
-ROOT = Path(__file__).parent.parent
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import FIXTURES, ROOT, load_script
+
 LAYERNORM, RMSNORM = FIXTURES / "orion-mini-layernorm", FIXTURES / "orion-mini-rmsnorm"
 SIDE_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
 
-_spec = importlib.util.spec_from_file_location("convert", ROOT / "convert.py")
-convert = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(convert)
+convert = load_script("convert.py")
 
 
 # ---- building released-layout folders from the fixtures --------------------------------------

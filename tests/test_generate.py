@@ -1,32 +1,20 @@
-"""Greedy generation against the fixtures' reference, batching with left padding, and the generate.py CLI."""
-
-import sys
-from pathlib import Path
+"""Batching with left padding, and the generate.py CLI (greedy text against the fixtures' reference, bad input)."""
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import nano_orion
 from nano_orion.sampler import generate_text, left_pad
 
-ROOT = Path(__file__).parent.parent
-FIXTURES = ROOT / "tests" / "fixtures"
-NAMES = ["orion-mini-rmsnorm", "orion-mini-layernorm"]
+from conftest import FIXTURE_NAMES, FIXTURES, load_script, reference
 
-sys.path.insert(0, str(ROOT))
-import generate as generate_cli  # noqa: E402  (the top-level script)
+generate_cli = load_script("generate.py")
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="module", params=FIXTURE_NAMES)
 def fixture(request):
     model, tok = nano_orion.load(FIXTURES / request.param)
-    return request.param, model, tok, load_file(FIXTURES / request.param / "reference.safetensors")
-
-
-def test_greedy_reproduces_reference(fixture):
-    _, model, _, ref = fixture
-    assert torch.equal(nano_orion.generate(model, ref["prompt_ids"], 24), ref["greedy_ids"])
+    return request.param, model, tok, reference(request.param)
 
 
 def test_left_padded_batch_equals_one_at_a_time(fixture):
@@ -51,9 +39,9 @@ def run_cli(capsys, *argv):
     return capsys.readouterr()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
 def test_cli_greedy_reproduces_reference(capsys, name):
-    ref = load_file(FIXTURES / name / "reference.safetensors")
+    ref = reference(name)
     tok = nano_orion.Tokenizer.from_dir(FIXTURES / name)
     ids = ",".join(str(i) for i in ref["prompt_ids"][0].tolist())
     out = run_cli(capsys, "--ckpt", str(FIXTURES / name), "--prompt-ids", ids, "--temperature", "0", "--max-new-tokens", "24")
@@ -63,46 +51,63 @@ def test_cli_greedy_reproduces_reference(capsys, name):
 
 def test_cli_reads_nano_orion_checkpoints(tmp_path, capsys):
     """The same greedy text from the fixture re-saved in nano_orion's own format."""
-    name = NAMES[1]
+    name = "orion-mini-layernorm"
     model, _ = nano_orion.load(FIXTURES / name)
     nano_orion.save(model, tmp_path)
-    for f in ("tokenizer.model", "tokenizer_config.json"):
-        (tmp_path / f).write_bytes((FIXTURES / name / f).read_bytes())
-    ref = load_file(FIXTURES / name / "reference.safetensors")
+    copy_fixture_files(tmp_path, "tokenizer.model", "tokenizer_config.json")
+    ref = reference(name)
     ids = ",".join(str(i) for i in ref["prompt_ids"][0].tolist())
     out = run_cli(capsys, "--ckpt", str(tmp_path), "--prompt-ids", ids, "--temperature", "0", "--max-new-tokens", "24")
     assert out.out == nano_orion.Tokenizer.from_dir(FIXTURES / name).decode(ref["greedy_ids"][0].tolist()) + "\n"
 
 
 def test_cli_same_seed_same_text(capsys):
-    args = ["--ckpt", str(FIXTURES / NAMES[0]), "--prompt", "expert", "--max-new-tokens", "16", "--num-samples", "2"]
+    args = ["--ckpt", str(FIXTURES / "orion-mini-rmsnorm"), "--prompt", "expert", "--max-new-tokens", "16", "--num-samples", "2"]
     first = run_cli(capsys, *args, "--seed", "3").out
     assert first == run_cli(capsys, *args, "--seed", "3").out
     assert first != run_cli(capsys, *args, "--seed", "4").out
 
 
-@pytest.mark.parametrize(
-    "make, message",
-    [
-        (lambda tmp: tmp / "missing", "no such folder"),
-        (lambda tmp: tmp, "no config.json"),
-        (lambda tmp: (tmp / "config.json").write_text((FIXTURES / NAMES[0] / "config.json").read_text()) and tmp, "no tokenizer.model"),
-    ],
-)
-def test_cli_bad_checkpoint_gives_one_line_error(tmp_path, capsys, make, message):
-    ckpt = make(tmp_path)
+def copy_fixture_files(folder, *names, fixture="orion-mini-rmsnorm"):
+    for name in names:
+        (folder / name).write_bytes((FIXTURES / fixture / name).read_bytes())
+
+
+def cli_error(capsys, *argv) -> str:
+    """The one-line error generate.py exits with (status 2, after argparse's usage line)."""
     with pytest.raises(SystemExit) as exit:
-        run_cli(capsys, "--ckpt", str(ckpt), "--prompt", "hi")
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # after argparse's usage line
-    assert exit.value.code == 2 and message in last and str(ckpt) in last
+        run_cli(capsys, *argv)
+    assert exit.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("files, message", [(None, "no such folder"), ((), "no config.json"), (("config.json",), "no tokenizer.model")])
+def test_cli_bad_checkpoint_gives_one_line_error(tmp_path, capsys, files, message):
+    ckpt = tmp_path / "missing" if files is None else tmp_path
+    copy_fixture_files(tmp_path, *(files or ()))
+    last = cli_error(capsys, "--ckpt", str(ckpt), "--prompt", "hi")
+    assert message in last and str(ckpt) in last
 
 
 def test_cli_checkpoint_without_weights(tmp_path, capsys):
-    for f in ("config.json", "tokenizer.model"):
-        (tmp_path / f).write_bytes((FIXTURES / NAMES[0] / f).read_bytes())
-    with pytest.raises(SystemExit) as exit:
-        run_cli(capsys, "--ckpt", str(tmp_path), "--prompt", "hi")
-    assert exit.value.code == 2 and "no weights found" in capsys.readouterr().err
+    copy_fixture_files(tmp_path, "config.json", "tokenizer.model")
+    assert "no weights found" in cli_error(capsys, "--ckpt", str(tmp_path), "--prompt", "hi")
+
+
+def test_cli_missing_prompt_file(tmp_path, capsys):
+    missing = tmp_path / "prompt.txt"
+    last = cli_error(capsys, "--ckpt", str(FIXTURES / "orion-mini-rmsnorm"), "--prompt-file", str(missing))
+    assert last.endswith(f"--prompt-file {missing}: no such file; give a text file holding the prompt")
+
+
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [("--top-p", "0", "in (0, 1]"), ("--top-p", "1.5", "in (0, 1]"), ("--temperature", "-1", "0 (greedy) or more"),
+     ("--top-k", "-1", "0 (off) or more"), ("--repetition-penalty", "0", "above 0"), ("--max-new-tokens", "0", "at least 1")],
+)
+def test_cli_sampling_setting_out_of_range(capsys, flag, value, allowed):
+    last = cli_error(capsys, "--ckpt", "unused", "--prompt", "hi", flag, value)  # refused before the checkpoint is read
+    assert f"{flag} {value}: must be {allowed}" in last
 
 
 @pytest.mark.parametrize("N", [1, 3])

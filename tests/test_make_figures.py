@@ -4,17 +4,14 @@ The logs here are synthetic, written to a temporary folder: they test the reader
 plots, and their figures are never kept.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("make_figures", ROOT / "docs" / "make_figures.py")
-make_figures = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(make_figures)
+from conftest import FIXTURES, load_script
+
+make_figures = load_script("docs/make_figures.py")
 
 
 def train_record(step, load):
@@ -61,14 +58,23 @@ def test_read_train_log_needs_train_records(tmp_path):
         make_figures.read_train_log(log)
 
 
-def test_route_sentence_matches_the_models_own_routing():
-    model, tokenizer = make_figures.nano_orion.load(ROOT / "tests/fixtures/orion-mini-rmsnorm")
-    pieces, routers = make_figures.route_sentence(model, tokenizer, "今天天气很好。")
+def test_route_sentence_matches_transformers_routing():
+    from nano_orion.hf_mixtral import to_mixtral
+
+    model, tokenizer = make_figures.nano_orion.load(FIXTURES / "orion-mini-rmsnorm")
+    sentence = "今天天气很好。"
+    pieces, routers = make_figures.route_sentence(model, tokenizer, sentence)
     assert "".join(pieces).replace("▁", " ").strip().startswith("<0xE4>")  # byte fallback for 今
-    assert len(routers) == model.config.n_layers
-    probs, experts = routers[0]
-    assert probs.shape == (len(pieces), model.config.n_experts) and experts.shape == (len(pieces), model.config.top_k)
-    assert torch.equal(experts, probs.topk(model.config.top_k, dim=-1).indices)
+    # the reference: the router logits of transformers' Mixtral on the same weights
+    with torch.no_grad():
+        hf_logits = to_mixtral(model)(torch.tensor([tokenizer.encode(sentence)]), output_router_logits=True).router_logits
+    assert len(routers) == len(hf_logits) == model.config.n_layers
+    for (probs, experts), logits in zip(routers, hf_logits):
+        hf_probs = logits.softmax(dim=-1)
+        assert probs.shape == (len(pieces), model.config.n_experts)
+        torch.testing.assert_close(probs, hf_probs, rtol=0, atol=1e-5)
+        hf_experts = hf_probs.topk(model.config.top_k, dim=-1).indices
+        assert torch.equal(experts.sort(dim=-1).values, hf_experts.sort(dim=-1).values)
 
 
 def test_main_draws_every_figure_and_skips_training_figures_without_a_log(tmp_path, capsys):
@@ -94,7 +100,7 @@ def test_training_figures_draw_from_a_log(tmp_path):
 def test_main_rejects_a_checkpoint_without_tokenizer_before_drawing(tmp_path, capsys):
     checkpoint = tmp_path / "no-tokenizer"
     checkpoint.mkdir()
-    (checkpoint / "config.json").write_text((ROOT / "tests/fixtures/orion-mini-rmsnorm/config.json").read_text())
+    (checkpoint / "config.json").write_text((FIXTURES / "orion-mini-rmsnorm" / "config.json").read_text())
     out = tmp_path / "figures"
     with pytest.raises(SystemExit):
         make_figures.main(["--out", str(out), "--checkpoint", str(checkpoint)])

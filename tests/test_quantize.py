@@ -1,23 +1,16 @@
 """Weight-only int8: the per-channel rounding bound, and the fixtures' logits and greedy text stay close to float."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
 import nano_orion
 from nano_orion.quantize import Int8Experts, Int8Linear, quantize_int8, quantize_model
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import FIXTURE_NAMES, FIXTURES, load_script, reference
 
-sys.path.insert(0, str(FIXTURES.parent.parent))
-import generate as generate_cli  # noqa: E402  (the top-level script)
-
-NAMES = ["orion-mini-rmsnorm", "orion-mini-layernorm"]
+generate_cli = load_script("generate.py")
 
 
 @settings(max_examples=30, deadline=None)
@@ -31,12 +24,12 @@ def test_rounding_error_is_at_most_half_a_step(seed, E, out, inp):
     assert q.abs().amax(-1)[w.abs().amax(-1) > 0].eq(127).all()  # each row uses the full range
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="module", params=FIXTURE_NAMES)
 def models(request):
     """(float model, int8 model, reference outputs) for one fixture."""
     float_model, _ = nano_orion.load(FIXTURES / request.param)
     int8_model = quantize_model(nano_orion.load(FIXTURES / request.param)[0])
-    return float_model, int8_model, load_file(FIXTURES / request.param / "reference.safetensors")
+    return float_model, int8_model, reference(request.param)
 
 
 def test_what_is_quantized(models):
@@ -86,8 +79,9 @@ def test_memory_is_about_a_quarter_of_float32(models):
 def test_cli_int8_greedy(capsys):
     """generate.py --quantize int8 at temperature 0 still gives the reference greedy text
     (agreement is 24 of 24 tokens on this fixture, see test_greedy_agreement)."""
-    ref = load_file(FIXTURES / NAMES[0] / "reference.safetensors")
+    name = "orion-mini-rmsnorm"
+    ref = reference(name)
     ids = ",".join(str(i) for i in ref["prompt_ids"][0].tolist())
-    generate_cli.main(["--ckpt", str(FIXTURES / NAMES[0]), "--prompt-ids", ids, "--temperature", "0", "--max-new-tokens", "24", "--quantize", "int8"])
-    tok = nano_orion.Tokenizer.from_dir(FIXTURES / NAMES[0])
+    generate_cli.main(["--ckpt", str(FIXTURES / name), "--prompt-ids", ids, "--temperature", "0", "--max-new-tokens", "24", "--quantize", "int8"])
+    tok = nano_orion.Tokenizer.from_dir(FIXTURES / name)
     assert capsys.readouterr().out == tok.decode(ref["greedy_ids"][0].tolist()) + "\n"

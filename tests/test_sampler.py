@@ -1,13 +1,11 @@
 """Logits processors and sampling: properties (hypothesis) and agreement with transformers' processors."""
 
 import functools
-from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 from transformers.generation.logits_process import (
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
@@ -25,7 +23,9 @@ from nano_orion.sampler import (
     sample,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "orion-mini-rmsnorm"
+from conftest import FIXTURES, reference
+
+FIXTURE = FIXTURES / "orion-mini-rmsnorm"
 SETTINGS = settings(max_examples=40, deadline=None)
 
 
@@ -35,8 +35,8 @@ def model_and_tok():
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return load_file(FIXTURE / "reference.safetensors")
+def ref():
+    return reference(FIXTURE.name)
 
 
 def random_logits(seed, B=3, V=50):
@@ -114,37 +114,37 @@ def test_generation_never_repeats_an_ngram(n, seed):
     assert all(ngrams.count(g) == 1 for g in new)
 
 
-def test_low_temperature_matches_greedy(model_and_tok, reference):
+def test_low_temperature_matches_greedy(model_and_tok, ref):
     model, _ = model_and_tok
     g = torch.Generator().manual_seed(0)
-    out = nano_orion.generate(model, reference["prompt_ids"], 24, temperature=1e-4, generator=g)
-    assert torch.equal(out, reference["greedy_ids"])
+    out = nano_orion.generate(model, ref["prompt_ids"], 24, temperature=1e-4, generator=g)
+    assert torch.equal(out, ref["greedy_ids"])
 
 
-def test_same_seed_same_tokens(model_and_tok, reference):
+def test_same_seed_same_tokens(model_and_tok, ref):
     model, _ = model_and_tok
     demo = dict(temperature=0.7, top_k=40, top_p=0.85, repetition_penalty=1.05, no_repeat_ngram_size=5)
     runs = [
-        nano_orion.generate(model, reference["prompt_ids"], 20, generator=torch.Generator().manual_seed(seed), **demo)
+        nano_orion.generate(model, ref["prompt_ids"], 20, generator=torch.Generator().manual_seed(seed), **demo)
         for seed in (7, 7, 8)
     ]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])  # and the seed does matter
 
 
-def test_stop_string_ends_the_text_before_it(model_and_tok, reference):
+def test_stop_string_ends_the_text_before_it(model_and_tok, ref):
     model, tok = model_and_tok
-    prompt = reference["prompt_ids"][0].tolist()
-    full = tok.decode(reference["greedy_ids"][0].tolist())[len(tok.decode(prompt)) :]  # the greedy completion
+    prompt = ref["prompt_ids"][0].tolist()
+    full = tok.decode(ref["greedy_ids"][0].tolist())[len(tok.decode(prompt)) :]  # the greedy completion
     assert "expert" in full
     result = generate_text(model, tok, [prompt], 24, stop=["expert"])
     assert result.texts == [full[: full.index("expert")]]
     assert result.new_tokens[0] < 24
 
 
-def test_eos_ends_the_text(model_and_tok, reference):
+def test_eos_ends_the_text(model_and_tok, ref):
     model, tok = model_and_tok
-    prompt, greedy = reference["prompt_ids"][0].tolist(), reference["greedy_ids"][0, 12:].tolist()
+    prompt, greedy = ref["prompt_ids"][0].tolist(), ref["greedy_ids"][0, 12:].tolist()
     eos_tok = nano_orion.Tokenizer.from_dir(FIXTURE)
     eos_tok.eos_id = greedy[5]  # pretend the 6th greedy token is eos
     result = generate_text(model, eos_tok, [prompt], 24)

@@ -1,14 +1,12 @@
 """The tokenizer's special ids and settings, and the streaming detokenizer (never a broken character)."""
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nano_orion.tokenizer import REPLACEMENT_CHAR, StreamDecoder, Tokenizer
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")
