@@ -100,7 +100,7 @@ class Orion(nn.Module):
         # each layer's cache on that layer's device (layers may be spread over GPUs: load(device="auto"))
         return [KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, block.attn.wq.weight.device) for block in self.layers]
 
-    def forward(self, idx, cache=None, start_pos: int = 0, pad_mask=None, return_router: bool = False):
+    def forward(self, idx, cache=None, start_pos: int = 0, pad_mask=None, return_router: bool = False, last_only: bool = False):
         """idx (B, T) int64 token ids -> logits (B, T, vocab_size) float32.
 
         cache, start_pos: with a cache from new_cache(), idx holds the tokens at positions
@@ -109,6 +109,9 @@ class Orion(nn.Module):
             Each row's positions count its real tokens only, so padding changes nothing.
         return_router: also return, per layer, the router's (probs, experts), for the
             load-balancing loss (moe.load_balancing_loss) and for inspecting routing.
+        last_only: logits of the last position only, (B, 1, vocab_size): all that generating
+            the next token needs (a long prompt's full logits would be large: 8192 positions
+            of Orion's vocabulary are 3.7 GB in float32).
         """
         idx = idx.to(self.embed.weight.device)
         B, T = idx.shape
@@ -134,5 +137,7 @@ class Orion(nn.Module):
             mask = None if mask is None else mask.to(device)
             x, probs, experts = block(x, cos, sin, mask, None if cache is None else cache[i], start_pos)
             routers.append((probs, experts))
-        logits = self.lm_head(self.norm(x.to(self.lm_head.weight.device))).float()  # (B, T, vocab_size)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x.to(self.lm_head.weight.device))).float()  # (B, T or 1, vocab_size)
         return (logits, routers) if return_router else logits

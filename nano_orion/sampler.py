@@ -131,7 +131,7 @@ def generate_tokens(
     decode_step = decode_step or decode_step_of(model)
     cache = model.new_cache(B, T + max_new_tokens)
     ids = idx
-    logits = model(idx, cache=cache, pad_mask=pad_mask)[:, -1]  # prefill: (B, vocab_size)
+    logits = model(idx, cache=cache, pad_mask=pad_mask, last_only=True)[:, -1]  # prefill: (B, vocab_size)
     for step in range(max_new_tokens):
         logits = process_logits(logits, ids, pad_mask, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size)
         next_id = sample(logits, temperature, generator)  # (B, 1)

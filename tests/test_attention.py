@@ -98,6 +98,13 @@ def test_cached_decode_with_left_padding_equals_unpadded(config, seed):
     torch.testing.assert_close(torch.cat(steps, 1)[0], alone[0, 3:], atol=ATOL, rtol=0)
 
 
+def test_last_only_gives_the_last_positions_logits():
+    model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=2)
+    idx = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:], atol=ATOL, rtol=0)
+
+
 def test_greedy_generate_equals_argmax_of_full_passes():
     model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=1)
     idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
