@@ -48,7 +48,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -332,13 +333,23 @@ def main(argv=None):
     if args.resume and not (out_dir / "train_state.pt").exists() and not (out_dir / ".saving" / "COMPLETE").exists():
         parser.error(f"--resume: no checkpoint in {out_dir} (train_state.pt missing); train without --resume first")
     torch.manual_seed(args.seed)
-    raw_model = Orion(config).to(device)  # the module itself: sampled from and checkpointed
-    if world > 1 and args.fsdp:
+    if args.fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        # Shard an empty (meta) model, then send each rank its shard of the weights rank 0
+        # draws on the CPU, the ones a single process would: no GPU ever holds the whole model
+        # (rank 0's host memory does once: 4 bytes a parameter, 190 GB for orion-moe-8x7b).
+        with torch.device("meta"):
+            raw_model = Orion(config)
         for block in raw_model.layers:  # each block's weights are gathered only while it runs
             fully_shard(block)
         fully_shard(raw_model)
+        raw_model.to_empty(device=device)
+        raw_model.init_rope(device)
+        set_model_state_dict(raw_model, Orion(config).state_dict() if master else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        raw_model = Orion(config).to(device)  # the module itself: sampled from and checkpointed
     model = torch.compile(raw_model) if args.compile else raw_model
     if world > 1 and not args.fsdp:
         # Experts that receive no token in a micro-batch get no gradient: find_unused_parameters.
