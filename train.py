@@ -40,6 +40,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -47,19 +48,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import nano_orion
 from nano_orion import Orion, OrionConfig, Tokenizer
+from nano_orion.checkpoint import read_nano
 from nano_orion.config import PRESETS
-from nano_orion.data import DataError, get_batch, prepare, read_tokens
+from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
 from nano_orion.moe import load_balancing_loss
 
-# Dense bf16 peak of known GPUs (spec sheets, without sparsity), for the MFU estimate.
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+# Dense bf16 peak of known GPUs (spec sheets, without sparsity), for the MFU estimate. A key
+# must be a whole word of torch.cuda.get_device_name(): "L4" is not "L40S", "A10" not "A10G".
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+                  "4090": 165e12}
 
 
 def parse_args(argv=None):
@@ -105,6 +109,9 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.config not in PRESETS and not Path(args.config).is_file():
         p.error(f"--config {args.config}: neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        p.error("--fsdp shards across processes, and this is one; start it with torchrun --nproc_per_node N, "
+                "or leave out --fsdp")
     if args.warmup_iters < 0:
         p.error(f"--warmup-iters must be at least 0, got {args.warmup_iters}")
     return p, args
@@ -167,13 +174,16 @@ def setup_device(args):
     return device, (torch.bfloat16 if dtype == "bfloat16" else None), rank, world
 
 
+def spec_peak_flops(device_name: str) -> float | None:
+    """The spec-sheet peak of a GPU named like "NVIDIA A100-SXM4-80GB", None if not in the table."""
+    words = set(re.split(r"[^A-Za-z0-9]+", device_name))
+    return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in words), None)
+
+
 def peak_flops(device, amp_dtype) -> float:
     """FLOP/s the MFU is relative to: the spec sheet for known GPUs, else a measured matmul."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops
+    if device.type == "cuda" and (flops := spec_peak_flops(torch.cuda.get_device_name(device))):
+        return flops
     n = 1024
     a = torch.randn(n, n, device=device, dtype=amp_dtype or torch.float32)
     a @ a  # warm-up
@@ -233,7 +243,7 @@ def save_checkpoint(out_dir: Path, model, optimizer, config, tokenizer_file: Pat
 
 def load_checkpoint(out_dir: Path, model, optimizer) -> dict:
     state = torch.load(out_dir / "train_state.pt", weights_only=True)
-    model_state = load_file(out_dir / "model.safetensors")
+    model_state = dict(read_nano(out_dir)[1])  # one model.safetensors or shards, whichever save wrote
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(state["rng"]["torch"])
@@ -243,10 +253,14 @@ def load_checkpoint(out_dir: Path, model, optimizer) -> dict:
 
 
 def truncate_log(log_file: Path, step: int) -> None:
-    """Drop log lines past `step` (written after the checkpoint a run resumes from)."""
+    """Drop log lines past `step` (written after the checkpoint a run resumes from), and a
+    line that does not parse (half-written when a kill interrupted it)."""
     if log_file.exists():
-        lines = [l for l in log_file.read_text().splitlines() if json.loads(l)["step"] <= step]
-        log_file.write_text("".join(l + "\n" for l in lines))
+        records = []
+        for line in log_file.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        log_file.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
 
 
 # ---- evaluation ------------------------------------------------------------------------
@@ -311,19 +325,31 @@ def main(argv=None):
             parser.error(f"--config {args.config}: {e}")
     if args.block_size > config.max_seq_len:
         parser.error(f"--block-size {args.block_size} exceeds the model's max_seq_len {config.max_seq_len}")
-    if min(len(train_tokens), len(val_tokens)) <= args.block_size + 1:
-        parser.error(f"{data_dir}: {len(train_tokens):,} train / {len(val_tokens):,} val tokens cannot fill a block of "
-                     f"{args.block_size}; use a smaller --block-size or more data")
+    for name, split in (("train.bin", train_tokens), ("val.bin", val_tokens)):
+        try:
+            check_fills_block(split, args.block_size)
+        except DataError as e:
+            parser.error(f"{data_dir / name}: {e}")
     if args.resume and not (out_dir / "train_state.pt").exists() and not (out_dir / ".saving" / "COMPLETE").exists():
         parser.error(f"--resume: no checkpoint in {out_dir} (train_state.pt missing); train without --resume first")
     torch.manual_seed(args.seed)
-    raw_model = Orion(config).to(device)  # the module itself: sampled from and checkpointed
-    if world > 1 and args.fsdp:
+    if args.fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        # Shard an empty (meta) model, then send each rank its shard of the weights rank 0
+        # draws on the CPU, the ones a single process would: no GPU ever holds the whole model
+        # (rank 0's host memory does once: 4 bytes a parameter, 190 GB for orion-moe-8x7b).
+        with torch.device("meta"):
+            raw_model = Orion(config)
         for block in raw_model.layers:  # each block's weights are gathered only while it runs
             fully_shard(block)
         fully_shard(raw_model)
+        raw_model.to_empty(device=device)
+        raw_model.init_rope(device)
+        set_model_state_dict(raw_model, Orion(config).state_dict() if master else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    else:
+        raw_model = Orion(config).to(device)  # the module itself: sampled from and checkpointed
     model = torch.compile(raw_model) if args.compile else raw_model
     if world > 1 and not args.fsdp:
         # Experts that receive no token in a micro-batch get no gradient: find_unused_parameters.
@@ -418,8 +444,9 @@ def main(argv=None):
                  "tokens_per_s": tok_s, "mfu": mfu, "expert_load": expert_load})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
         if step % args.eval_interval == 0 or step == args.max_iters:
+            t_eval = time.perf_counter()
             eval_sample_save()
-            t_log = time.perf_counter()  # evaluation time is not training throughput
+            t_log += time.perf_counter() - t_eval  # evaluation time is not training throughput
     bar.close()
     if world > 1:
         dist.destroy_process_group()

@@ -84,12 +84,14 @@ def read_documents(files: list[Path]) -> list[str]:
 def vocab_size_for(n_bytes: int, requested: int) -> int:
     """The requested vocabulary, capped at one piece per BYTES_PER_PIECE bytes of text
     (rounded down to a multiple of 64); too little text for MIN_VOCAB is an error."""
+    if requested < MIN_VOCAB:
+        raise DataError(f"--vocab-size must be at least {MIN_VOCAB} (256 byte pieces, 3 specials and some merges), "
+                        f"got {requested}; ask for more")
     cap = n_bytes // BYTES_PER_PIECE // 64 * 64
-    if cap < MIN_VOCAB or requested < MIN_VOCAB:
-        need = MIN_VOCAB * BYTES_PER_PIECE
+    if cap < MIN_VOCAB:
         raise DataError(
             f"corpus too small: {n_bytes:,} bytes of text cannot train a tokenizer of at least {MIN_VOCAB} pieces "
-            f"(needs about {need:,} bytes, and a requested vocabulary of at least {MIN_VOCAB}); give --data more text"
+            f"(needs about {MIN_VOCAB * BYTES_PER_PIECE:,} bytes); give --data more text"
         )
     return min(requested, cap)
 
@@ -181,6 +183,13 @@ def read_tokens(path) -> np.ndarray:
     return np.memmap(path, dtype="<u4", mode="r")
 
 
+def check_fills_block(tokens: np.ndarray, block_size: int) -> None:
+    """A block needs block_size + 1 tokens: its inputs and, one further, their targets."""
+    if len(tokens) < block_size + 1:
+        raise DataError(f"{len(tokens):,} tokens cannot fill one block of {block_size} (needs {block_size + 1}); "
+                        "use a smaller --block-size or more data")
+
+
 def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, micro: int = 0,
               n_micro: int = 1):
     """Micro-batch `micro` of `n_micro` of the global batch of `step`: inputs x and targets
@@ -189,10 +198,10 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, s
     The global batch (n_micro * batch_size windows at random offsets) depends only on
     (seed, step), so every rank and every resumed run draws the same one and takes its slice.
     """
-    if len(tokens) <= block_size + 1:
-        raise DataError(f"{len(tokens):,} tokens cannot fill one block of {block_size}; use a smaller --block-size or more data")
+    check_fills_block(tokens, block_size)
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(len(tokens) - block_size - 1, (n_micro * batch_size,), generator=g)
+    # a window is block_size + 1 tokens (inputs and the next token), so starts run 0 .. len - block_size - 1
+    starts = torch.randint(len(tokens) - block_size, (n_micro * batch_size,), generator=g)
     starts = starts[micro * batch_size:(micro + 1) * batch_size].tolist()
     window = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
     window = torch.from_numpy(window)

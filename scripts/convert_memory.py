@@ -10,7 +10,7 @@ next to the checkpoint's size, and deletes everything it wrote.
 import argparse
 import json
 import multiprocessing
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -68,8 +68,13 @@ def main():
         total = sum(f.stat().st_size for f in src.glob("*.bin"))
         root = Path(__file__).parent.parent
         cmd = [sys.executable, str(root / "convert.py"), str(src), str(out), "--dtype", args.dtype, "--shard-gb", "1"]
-        subprocess.run(cmd, check=True)
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+        convert = subprocess.Popen(cmd)
+        # wait4 gives this child's own peak; RUSAGE_CHILDREN would be the largest of all children, the writer's included
+        _, status, usage = os.wait4(convert.pid, 0)
+        convert.returncode = os.waitstatus_to_exitcode(status)
+        if convert.returncode:
+            raise subprocess.CalledProcessError(convert.returncode, cmd)
+        peak = usage.ru_maxrss * 1024  # Linux reports KiB
         print(f"checkpoint {total / 1e9:.2f} GB in {len(list(src.glob('*.bin')))} shards; convert.py peak RSS {peak / 1e9:.2f} GB")
     finally:
         shutil.rmtree(src, ignore_errors=True)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nano_orion import Tokenizer
-from nano_orion.data import DataError, get_batch, prepare, read_tokens, write_tokens
+from nano_orion.data import DataError, get_batch, prepare, read_tokens, vocab_size_for, write_tokens
 
 
 @settings(max_examples=20, deadline=None)
@@ -30,6 +30,12 @@ def test_too_small_corpus_is_a_clear_error_and_leaves_nothing(tmp_path):
     with pytest.raises(DataError, match="corpus too small: 2,500 bytes"):
         prepare(tmp_path / "small.txt", tmp_path / "data")
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+def test_too_small_vocab_request_is_its_own_error():
+    with pytest.raises(DataError, match=r"--vocab-size must be at least 320 .*got 100"):
+        vocab_size_for(10**7, 100)  # plenty of text: the request is the problem, not the corpus
+    assert vocab_size_for(10**7, 320) == 320 and vocab_size_for(40_000, 4096) == 384  # capped at 100 bytes a piece
 
 
 def test_bad_paths_and_encodings_are_clear_errors(tmp_path):
@@ -78,3 +84,14 @@ def test_batches_are_reproducible_and_split_across_micro_batches():
     whole = get_batch(tokens, 8, 16, seed=0, step=3)[0]
     halves = [get_batch(tokens, 4, 16, seed=0, step=3, micro=m, n_micro=2)[0] for m in (0, 1)]
     assert torch.equal(torch.cat(halves), whole)
+
+
+def test_batches_reach_every_valid_window():
+    # block_size + 1 tokens hold exactly one window (16 inputs, 16 targets)
+    x, y = get_batch(np.arange(17, dtype=np.uint32), 2, 16, seed=0, step=0)
+    assert x.tolist() == [list(range(16))] * 2 and y.tolist() == [list(range(1, 17))] * 2
+    # one token more: two windows, and both are drawn, the last one included
+    x, _ = get_batch(np.arange(18, dtype=np.uint32), 64, 16, seed=0, step=0)
+    assert set(x[:, 0].tolist()) == {0, 1}
+    with pytest.raises(DataError, match="16 tokens cannot fill one block of 16 \\(needs 17\\)"):
+        get_batch(np.arange(16, dtype=np.uint32), 1, 16, seed=0, step=0)

@@ -105,7 +105,9 @@ def test_tiny_model_overfits_tiny_corpus_and_logs(tmp_path, corpus):
     assert steps[-1]["tokens"] == 120 * 8 * 32
     for r in steps:
         assert set(r) == {"kind", "step", "tokens", "loss", "aux_loss", "lr", "tokens_per_s", "mfu", "expert_load"}
-        assert math.isfinite(r["aux_loss"]) and r["aux_loss"] >= 2 - 1e-4  # >= top_k, its value when perfectly even
+        # about top_k = 2, its value at an even load; not a lower bound: within one batch the
+        # routed shares and the mean router probabilities need not line up
+        assert 1.9 < r["aux_loss"] < 3
         assert r["tokens_per_s"] > 0 and r["mfu"] > 0
         assert len(r["expert_load"]) == 2 and all(len(row) == 4 and abs(sum(row) - 1) < 1e-5 for row in r["expert_load"])
     assert steps[-1]["lr"] == pytest.approx(1e-3)  # the cosine ends at 10% of --lr
@@ -127,7 +129,7 @@ def test_resume_continues_exactly(tmp_path, corpus):
     assert len(read_log(whole)) == 6 + 2
     assert without_timing(read_log(split)) == without_timing(read_log(whole))  # losses, aux, load, lr: bit for bit
     reference, _ = nano_orion.load(whole)
-    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -161,3 +163,48 @@ def test_interrupted_saves_never_mix_two_checkpoints(tmp_path):
     (saving / "model.safetensors").replace(tmp_path / "model.safetensors")  # the move got this far
     train.commit_checkpoint(tmp_path)
     assert [(tmp_path / f).read_text() for f in files] == ["new"] * 3 and not saving.exists()
+
+
+def test_resume_reads_sharded_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    config = OrionConfig.preset("toy", **TINY, vocab_size=64)
+    model = Orion(config)
+    optimizer = torch.optim.AdamW(train.param_groups(model, 0.1))
+    train.losses(model, torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))[0].backward()
+    optimizer.step()
+    (tmp_path / "tok.model").write_bytes(b"any")
+    train.save_checkpoint(tmp_path, model, optimizer, config, tmp_path / "tok.model", {"step": 7, "tokens": 0}, rank=0)
+    (tmp_path / "model.safetensors").unlink()
+    nano_orion.save(model, tmp_path, max_shard_bytes=100_000)  # what a model over 5 GiB gets: shards + index
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    fresh = Orion(config)
+    fresh_optimizer = torch.optim.AdamW(train.param_groups(fresh, 0.1))
+    assert train.load_checkpoint(tmp_path, fresh, fresh_optimizer)["step"] == 7
+    for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    moments = [s["exp_avg"] for s in fresh_optimizer.state.values()]
+    assert len(moments) == len(list(model.parameters())) and all(m.abs().sum() > 0 for m in moments)
+
+
+def test_resume_drops_a_half_written_log_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    lines = [json.dumps({"kind": "train", "step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    log.write_text("\n".join(lines) + "\n" + '{"kind": "train", "st')  # killed mid-write
+    train.truncate_log(log, 2)
+    assert log.read_text() == lines[0] + "\n" + lines[1] + "\n"
+
+
+def test_gpu_peak_flops_by_whole_name():
+    assert train.spec_peak_flops("NVIDIA L4") == 121e12
+    assert train.spec_peak_flops("NVIDIA L40S") == 362e12  # not the L4's
+    assert train.spec_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert train.spec_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert train.spec_peak_flops("NVIDIA A10G") is None  # not the A10's: measured instead
+
+
+def test_fsdp_without_torchrun_is_a_clear_error(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit):
+        train.main(["--fsdp"])
+    err = capsys.readouterr().err
+    assert "--fsdp shards across processes" in err and "torchrun" in err
