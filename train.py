@@ -209,14 +209,20 @@ def gradient_sync(model, sync: bool):
 
 def commit_checkpoint(out_dir: Path) -> None:
     """Move a COMPLETE-marked OUT_DIR/.saving/ into OUT_DIR (or finish moving it after a
-    kill); discard a .saving/ without the mark, which a kill left half-written."""
+    kill), removing weight files of an earlier save that the new one does not have;
+    discard a .saving/ without the mark, which a kill left half-written. COMPLETE lists
+    the new checkpoint's files."""
     saving = out_dir / ".saving"
     if not saving.exists():
         return
     if (saving / "COMPLETE").exists():
-        for f in saving.iterdir():
-            if f.name != "COMPLETE":
-                os.replace(f, out_dir / f.name)
+        files = (saving / "COMPLETE").read_text().split()  # the new checkpoint's files
+        for f in out_dir.glob("model*.safetensors*"):  # an earlier save's shards or index that this one lacks
+            if f.name not in files:
+                f.unlink()
+        for name in files:
+            if (saving / name).exists():  # not yet moved (a kill may have interrupted the moves)
+                os.replace(saving / name, out_dir / name)
     shutil.rmtree(saving)
 
 
@@ -237,7 +243,7 @@ def save_checkpoint(out_dir: Path, model, optimizer, config, tokenizer_file: Pat
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save({**train_state, "optimizer": optim_state, "rng": rng}, saving / "train_state.pt")
-    (saving / "COMPLETE").touch()
+    (saving / "COMPLETE").write_text("\n".join(sorted(f.name for f in saving.iterdir())) + "\n")
     commit_checkpoint(out_dir)
 
 

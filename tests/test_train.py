@@ -159,7 +159,7 @@ def test_interrupted_saves_never_mix_two_checkpoints(tmp_path):
     saving.mkdir()
     for f in files:
         (saving / f).write_text("new")
-    (saving / "COMPLETE").touch()
+    (saving / "COMPLETE").write_text("\n".join(files))  # the mark lists the new checkpoint's files
     (saving / "model.safetensors").replace(tmp_path / "model.safetensors")  # the move got this far
     train.commit_checkpoint(tmp_path)
     assert [(tmp_path / f).read_text() for f in files] == ["new"] * 3 and not saving.exists()
@@ -184,6 +184,22 @@ def test_resume_reads_sharded_checkpoints(tmp_path):
         assert torch.equal(a, b), name
     moments = [s["exp_avg"] for s in fresh_optimizer.state.values()]
     assert len(moments) == len(list(model.parameters())) and all(m.abs().sum() > 0 for m in moments)
+
+
+def test_a_new_checkpoint_leaves_no_stale_shards(tmp_path):
+    """A sharded save followed by a single-file one: the old index must not outlive its shards."""
+    torch.manual_seed(0)
+    config = OrionConfig.preset("toy", **TINY, vocab_size=64)
+    model = Orion(config)
+    optimizer = torch.optim.AdamW(train.param_groups(model, 0.1))
+    (tmp_path / "tok.model").write_bytes(b"any")
+    nano_orion.save(model, tmp_path, max_shard_bytes=100_000)  # an earlier, sharded save
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)
+    train.save_checkpoint(tmp_path, model, optimizer, config, tmp_path / "tok.model", {"step": 1, "tokens": 0}, rank=0)
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+    loaded = nano_orion.checkpoint.load_nano(tmp_path)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
 def test_resume_drops_a_half_written_log_line(tmp_path):
