@@ -455,6 +455,7 @@ def main(argv=None):
             t_log += time.perf_counter() - t_eval  # evaluation time is not training throughput
     bar.close()
     if world > 1:
+        dist.barrier()  # rank 0 may still be saving: tear the process group down together
         dist.destroy_process_group()
     return raw_model
 
