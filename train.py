@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 import nano_orion
 from nano_orion import Orion, OrionConfig, Tokenizer
-from nano_orion.checkpoint import read_nano
+from nano_orion.checkpoint import is_checkpoint_file, read_nano
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
 from nano_orion.moe import load_balancing_loss
@@ -217,8 +217,8 @@ def commit_checkpoint(out_dir: Path) -> None:
         return
     if (saving / "COMPLETE").exists():
         files = (saving / "COMPLETE").read_text().split()  # the new checkpoint's files
-        for f in out_dir.glob("model*.safetensors*"):  # an earlier save's shards or index that this one lacks
-            if f.name not in files:
+        for f in out_dir.iterdir():  # an earlier save's shards or index that this one lacks
+            if is_checkpoint_file(f.name) and f.name not in files:
                 f.unlink()
         for name in files:
             if (saving / name).exists():  # not yet moved (a kill may have interrupted the moves)

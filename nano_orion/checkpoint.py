@@ -348,8 +348,9 @@ def write_config(folder: Path, config: OrionConfig) -> None:
     (folder / "config.json").write_text(json.dumps({"nano_orion": FORMAT_VERSION, "config": config.to_dict()}, indent=2) + "\n")
 
 
-def _is_saved_file(name: str) -> bool:
-    """A file `save` writes: config.json, the weights and the index (not tokenizer or other files)."""
+def is_checkpoint_file(name: str) -> bool:
+    """A file `save` writes: config.json, the weights and the index (not tokenizer or other files).
+    Files of this kind left by an earlier save with other sharding are stale and get replaced."""
     return name in ("config.json", "model.safetensors", INDEX) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None
 
 
@@ -358,7 +359,7 @@ def save(model: Orion, folder, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
 
     The files are written into a temporary folder beside `folder` first, so a failed save
     changes nothing. Then the previous checkpoint's config.json and weights (the files
-    `_is_saved_file` names, stale shards included) move aside, the new ones move in, and
+    `is_checkpoint_file` names, stale shards included) move aside, the new ones move in, and
     the old ones are deleted. Other files in `folder` (tokenizer, logs) stay untouched."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -373,7 +374,7 @@ def save(model: Orion, folder, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
         raise
     old.mkdir()  # renames only from here on; if one fails, tmp and old still hold every file
     for f in folder.iterdir():
-        if _is_saved_file(f.name):
+        if is_checkpoint_file(f.name):
             f.rename(old / f.name)
     for f in tmp.iterdir():
         f.rename(folder / f.name)

@@ -45,8 +45,9 @@ class Int8Linear(nn.Module):
 class Int8Experts(nn.Module):
     """Stacked expert weights (n_experts, out, in) in int8 with scales (n_experts, out).
 
-    Stands in for the float Parameter that moe.py indexes: `experts[e]` (an int or a tensor
-    of expert ids) gives the dequantized weights of those experts, and `.shape` is the shape.
+    Stands in for the float Parameter that moe.py uses: `experts[e]` (an int or a tensor
+    of expert ids) gives the dequantized weights of those experts, `unbind()` every
+    expert's, and `.shape` is the shape.
     """
 
     def __init__(self, w: torch.Tensor, device=None):
