@@ -13,6 +13,7 @@ prompt); prompt tokens, time to first token and decode speed go to stderr. Sever
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ import torch
 import nano_orion
 from nano_orion.checkpoint import DTYPES
 from nano_orion.quantize import quantize_model
-from nano_orion.sampler import decode_step_of, generate_text
+from nano_orion.sampler import ORION_DEMO, SamplingConfig, compile_decode_step
+from nano_orion.streaming import generate_text
 
 
 def parse_args(argv=None):
@@ -30,17 +32,19 @@ def parse_args(argv=None):
     p.add_argument("--prompt-file", help="read the prompt from this file (the whole file is one prompt)")
     p.add_argument("--prompt-ids", help="the prompt as comma-separated token ids, e.g. 506,449,232 (for exact reproduction)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per prompt (default 256)")
-    p.add_argument("--temperature", type=float, default=0.7, help="softmax temperature; 0 = greedy (default 0.7)")
-    p.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 = all (default 40)")
-    p.add_argument("--top-p", type=float, default=0.85, help="sample among the most likely tokens holding this much probability; 1 = all (default 0.85)")
-    p.add_argument("--repetition-penalty", type=float, default=1.05, help="divide the logits of tokens already present by this; 1 = off (default 1.05)")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=5, help="never repeat an n-gram of this size; 0 = off (default 5)")
+    demo = ORION_DEMO
+    p.add_argument("--temperature", type=float, default=demo.temperature, help=f"softmax temperature; 0 = greedy (default {demo.temperature})")
+    p.add_argument("--top-k", type=int, default=demo.top_k, help=f"sample among the k most likely tokens; 0 = all (default {demo.top_k})")
+    p.add_argument("--top-p", type=float, default=demo.top_p, help=f"sample among the most likely tokens holding this much probability; 1 = all (default {demo.top_p})")
+    p.add_argument("--repetition-penalty", type=float, default=demo.repetition_penalty, help=f"divide the logits of tokens already present by this; 1 = off (default {demo.repetition_penalty})")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=demo.no_repeat_ngram_size, help=f"never repeat an n-gram of this size; 0 = off (default {demo.no_repeat_ngram_size})")
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (not printed); repeatable")
     p.add_argument("--seed", type=int, default=1234, help="random seed: the same seed gives the same text (default 1234)")
     p.add_argument("--num-samples", type=int, default=1, help="how many completions per prompt, one after another (default 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", choices=DTYPES, help="weights and activations; default bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (slow start, fast steps)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (a CUDA graph on GPUs): "
+                   "compiling takes a while at start (reported, and not counted in the decode speed), then every step is fast")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: weight-only int8 matmul weights (half of bf16's memory)")
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.prompt, args.prompt_file, args.prompt_ids)) > 1:
@@ -85,12 +89,13 @@ def load(p, args):
 def main(argv=None):
     p, args = parse_args(argv)
     model, tokenizer = load(p, args)
-    decode_step = torch.compile(decode_step_of(model), dynamic=True) if args.compile else None
+    decode_step = None
+    if args.compile:
+        start = time.perf_counter()
+        decode_step = compile_decode_step(model)
+        print(f"[compiled the decode step in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    sampling = dict(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, generator=generator, decode_step=decode_step,
-    )
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.no_repeat_ngram_size)
 
     def run(prompts):
         stream = len(prompts) == 1
@@ -101,8 +106,9 @@ def main(argv=None):
                 shown = prompts[0] if isinstance(prompts[0], str) else tokenizer.decode(prompts[0])
                 print(shown, end="", flush=True)
             result = generate_text(
-                model, tokenizer, prompts, args.max_new_tokens, stop=args.stop, device=args.device,
-                on_text=(lambda b, chunk: print(chunk, end="", flush=True)) if stream else None, **sampling,
+                model, tokenizer, prompts, args.max_new_tokens, sampling, stop=args.stop, device=args.device,
+                on_text=(lambda b, chunk: print(chunk, end="", flush=True)) if stream else None,
+                generator=generator, decode_step=decode_step,
             )
             if stream:
                 print(flush=True)

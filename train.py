@@ -54,11 +54,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import nano_orion
-from nano_orion import Orion, OrionConfig, Tokenizer
+from nano_orion import Orion, OrionConfig, SamplingConfig, Tokenizer
 from nano_orion.checkpoint import is_checkpoint_file, read_nano
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
-from nano_orion.moe import load_balancing_loss
+from nano_orion.moe import expert_counts, load_balancing_loss
 
 # Dense bf16 peak of known GPUs (spec sheets, without sparsity), for the MFU estimate. A key
 # must be a whole word of torch.cuda.get_device_name(): "L4" is not "L40S", "A10" not "A10G".
@@ -141,14 +141,17 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     ]
 
 
-def losses(model, x, y):
+def losses(model, raw_model, x, y):
     """Cross-entropy of next-token prediction, the load-balancing loss averaged over layers,
-    and each layer's routed-slot count per expert (n_layers, n_experts)."""
-    logits, routers = model(x, return_router=True)
+    and each layer's routed-slot count per expert (n_layers, n_experts). model runs the
+    forward pass (raw_model itself, or wrapped by DDP or torch.compile); raw_model's layers
+    keep their routing."""
+    logits = model(x)
+    routers = raw_model.routing()  # each layer's (probs, experts)
     ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
     aux = torch.stack([load_balancing_loss(probs, experts) for probs, experts in routers]).mean()
     n_experts = routers[0][0].shape[-1]
-    counts = torch.stack([experts.flatten().bincount(minlength=n_experts) for _, experts in routers])
+    counts = torch.stack([expert_counts(experts, n_experts) for _, experts in routers])
     return ce, aux, counts
 
 
@@ -290,7 +293,7 @@ def sample_text(model, tokenizer, prompt_ids, device, n_tokens: int = 96) -> str
     n_tokens = min(n_tokens, model.config.max_seq_len - len(prompt_ids))
     g = torch.Generator(device).manual_seed(0)
     idx = torch.tensor([prompt_ids], device=device)
-    out = nano_orion.generate(model, idx, n_tokens, temperature=0.8, generator=g)
+    out = nano_orion.generate(model, idx, n_tokens, SamplingConfig(temperature=0.8), generator=g)
     return tokenizer.decode(prompt_ids) + "|>" + tokenizer.decode(out[0, len(prompt_ids):].tolist())
 
 
@@ -423,7 +426,7 @@ def main(argv=None):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with gradient_sync(model, sync=micro == args.grad_accum - 1):
                 with autocast:
-                    ce, aux, c = losses(model, x, y)
+                    ce, aux, c = losses(model, raw_model, x, y)
                 ((ce + config.router_aux_loss_coef * aux) / args.grad_accum).backward()
             stats += torch.stack([ce.detach(), aux.detach()]) / args.grad_accum
             counts += c

@@ -46,7 +46,7 @@ def main():
 
     def nano_step(batch):
         x, y = batch[:, :-1], batch[:, 1:]
-        ce, aux, _ = train.losses(nano, x, y)
+        ce, aux, _ = train.losses(nano, nano, x, y)
         return ce + config.router_aux_loss_coef * aux
 
     def hf_step(batch):

@@ -90,7 +90,8 @@ def expert_shares(train: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 def route_sentence(model, tokenizer, text: str):
     """Run `text` through the model -> (pieces, [(probs (T, n_experts), experts (T, top_k)) per layer])."""
     ids = tokenizer.encode(text)
-    _, routers = model(torch.tensor([ids]), return_router=True)
+    model(torch.tensor([ids]))
+    routers = model.routing()
     return [tokenizer.sp.id_to_piece(i) for i in ids], routers
 
 
@@ -139,9 +140,9 @@ def plot_masks(out: Path):
     full = torch.ones(1, T, dtype=torch.bool)
     padded = torch.tensor([[False] * 3 + [True] * 5])
     panels = [
-        ("causal, 8 tokens", attention_mask(T, 0, full)[0, 0], 0),
-        ("decode with a KV cache:\n3 new tokens after 5 cached", attention_mask(3, 5, full)[0, 0], 5),
-        ("left-padded row: 3 pads, 5 real tokens", attention_mask(T, 0, padded)[0, 0], 0),
+        ("causal, 8 tokens", attention_mask(torch.arange(T), T, full)[0, 0], 0),
+        ("decode with a KV cache:\n3 new tokens after 5 cached", attention_mask(torch.arange(5, T), T, full)[0, 0], 5),
+        ("left-padded row: 3 pads, 5 real tokens", attention_mask(torch.arange(T), T, padded)[0, 0], 0),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.9))
     for ax, (title, mask, start_pos) in zip(axes, panels):

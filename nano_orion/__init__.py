@@ -7,7 +7,7 @@ import torch
 from .checkpoint import CheckpointError, is_nano_checkpoint, load_hf, load_nano, save
 from .config import OrionConfig
 from .model import Orion
-from .sampler import generate
+from .sampler import SamplingConfig, generate
 from .tokenizer import Tokenizer
 
 
@@ -29,4 +29,4 @@ def load(path, device="cpu", dtype=torch.float32):
     return model, tokenizer
 
 
-__all__ = ["OrionConfig", "Orion", "load", "save", "generate", "Tokenizer", "CheckpointError"]
+__all__ = ["OrionConfig", "Orion", "load", "save", "generate", "SamplingConfig", "Tokenizer", "CheckpointError"]

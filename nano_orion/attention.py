@@ -20,7 +20,9 @@ The mask says which keys a query may see:
   * padding: in a left-padded batch, pad columns are hidden from real tokens.
 
 The KV cache: when generating, the keys and values of past tokens never change, so each
-layer keeps them in a preallocated buffer and only the new token's k, v are computed.
+layer keeps them in a buffer of fixed size, written slot by slot, and only the new
+token's k, v are computed. Its shape never changes and the slot to write is a tensor, so
+a compiled decoding step can be recorded once and replayed for every token (a CUDA graph).
 """
 
 import torch
@@ -32,43 +34,50 @@ from .rope import apply_rope
 
 
 class KVCache:
-    """One layer's keys and values for the first `max_len` positions of a batch."""
+    """One layer's keys and values for `max_len` positions (slots) of a batch."""
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # For torch.compile: these buffers stay put, so a CUDA graph may update them in place;
+        # and their length may differ from one generation to the next without recompiling.
+        for t in (self.k, self.v):
+            torch._dynamo.mark_static_address(t, guard=False)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv_heads, T, head_dim) at positions start_pos.. and return all keys
-        and values so far, (B, n_kv_heads, start_pos + T, head_dim)."""
-        end = start_pos + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked to write up to {end}")
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, n_kv_heads, T, head_dim) at slots (T,)."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
 
 
-def attention_mask(T: int, start_pos: int = 0, pad_mask: torch.Tensor | None = None, device=None):
-    """Which keys each query may attend to: a bool tensor (B or 1, 1, T, start_pos + T), True = visible.
+def token_positions(slots: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The RoPE position of each token: its slot, minus the padding before it. -> (1 or B, T).
 
-    Queries are positions start_pos .. start_pos + T - 1, keys are 0 .. start_pos + T - 1.
-    pad_mask (B, >= start_pos + T), True for real tokens, hides pad columns; every query
-    still sees itself, so that a pad row is never left with nothing to attend to.
-    Returns None where no mask is needed (no padding, and either no cache offset, which
-    scaled_dot_product_attention handles fastest with is_causal=True, or a single query,
-    which sees every key so far).
+    slots (T,): where the tokens sit in the (padded) sequence. pad_mask (B, > max slot), True
+    at real tokens: in a left-padded row the first real token is position 0.
     """
-    if pad_mask is None and (start_pos == 0 or T == 1):
-        return None
-    S = start_pos + T
-    q_pos = torch.arange(start_pos, S, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-    mask = k_pos <= q_pos  # (T, S) causal
+    if pad_mask is None:
+        return slots[None]
+    real_so_far = pad_mask.long().cumsum(-1)  # (B, S): real tokens up to and including each slot
+    return (real_so_far[:, slots] - 1).clamp(min=0)  # a pad slot gets position 0 (its output is never used)
+
+
+def attention_mask(slots: torch.Tensor, n_keys: int, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Which keys each query may attend to: bool (1 or B, 1, T, n_keys), True = visible.
+
+    Queries sit at slots (T,); keys at slots 0 .. n_keys - 1 (a whole KV cache, say).
+    Causal: a query sees the keys at or before its own slot, so the cache's unwritten
+    slots stay hidden. pad_mask (B, any length), True at real tokens, also hides pad keys;
+    every query still sees itself, so a pad row is never left with nothing to attend to.
+    """
+    keys = torch.arange(n_keys, device=slots.device)
+    mask = keys <= slots[:, None]  # (T, n_keys)
     if pad_mask is None:
         return mask[None, None]
-    visible = pad_mask[:, None, :S] | (k_pos == q_pos)  # (B, T, S)
+    real = F.pad(pad_mask, (0, n_keys - pad_mask.shape[1]), value=True)  # cut or extended to (B, n_keys)
+    visible = real[:, None, :] | (keys == slots[:, None])  # (B, T, n_keys)
     return (mask & visible)[:, None]
 
 
@@ -83,24 +92,36 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start_pos: int = 0):
-        """x (B, T, dim) -> (B, T, dim). cos, sin (B, T, head_dim); mask from attention_mask()."""
+    def new_cache(self, batch_size: int, max_len: int, dtype) -> KVCache:
+        """An empty KV cache for this layer, on the device of its weights."""
+        return KVCache(batch_size, self.n_kv_heads, max_len, self.head_dim, dtype, self.wq.weight.device)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, slots=None):
+        """x (B, T, dim) -> (B, T, dim). cos, sin (1 or B, T, head_dim) at the tokens' positions.
+
+        mask None: plain causal attention among these T tokens (training, or a prompt written
+        into an empty cache). With a mask from attention_mask(), the queries read every slot
+        of the cache (the mask hides the unwritten and padded ones), or without a cache the
+        T tokens. cache, slots (T,): the new k, v are written into the cache at these slots.
+        """
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(start_pos, k, v)  # (B, n_kv_heads, start_pos + T, head_dim)
+            cache.update(slots, k, v)
+            if mask is not None:
+                k, v = cache.k, cache.v  # (B, n_kv_heads, max_len, head_dim)
         # softmax(q k^T / sqrt(head_dim) + mask) v, each query head reading its group's kv head.
-        if T == 1 and mask is None:
-            # One new token (decoding): a group's query heads all read the same kv head and
-            # every key so far, so they can be stacked as the queries of that kv head; plain
-            # attention, no mask, a single small kernel per step.
+        if T == 1:
+            # One new token (decoding): a group's query heads all read the same kv head under
+            # the same mask, so they can be stacked as that kv head's queries: plain attention,
+            # (B, n_kv_heads, group, head_dim), without copying the keys and values per head.
             group = self.n_heads // self.n_kv_heads
-            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, group, self.head_dim), k, v)
-            y = y.view(B, self.n_heads, 1, self.head_dim)
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, group, self.head_dim), k, v, attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.wo(y)
+            y = y.transpose(1, 2)  # (B, T, n_heads, head_dim)
+        # reshape, not view: the layout of y depends on the kernel that computed it (CUDA's differ from the CPU's)
+        return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from .attention import Attention, KVCache, attention_mask
+from .attention import Attention, KVCache, attention_mask, token_positions
 from .config import OrionConfig
 from .moe import MoE
 from .rope import rope_cos_sin
@@ -53,10 +53,9 @@ class Block(nn.Module):
         self.moe_norm = make_norm(config)
         self.moe = MoE(config)
 
-    def forward(self, x, cos, sin, mask, cache, start_pos):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start_pos)
-        y, probs, experts = self.moe(self.moe_norm(x))
-        return x + y, probs, experts
+    def forward(self, x, cos, sin, mask, cache, slots):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, slots)
+        return x + self.moe(self.moe_norm(x))
 
 
 class Orion(nn.Module):
@@ -92,52 +91,55 @@ class Orion(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=out_std if name.endswith(("wo.weight", "w2")) else std)
 
     def new_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
-        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens."""
-        c = self.config
-        if max_len > c.max_seq_len:
-            raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {c.max_seq_len}")
+        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens, one per layer."""
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}")
         dtype = self.embed.weight.dtype  # the activations' dtype (lm_head may be int8: quantize.py)
-        # each layer's cache on that layer's device (layers may be spread over GPUs: load(device="auto"))
-        return [KVCache(batch_size, c.n_kv_heads, max_len, c.head_dim, dtype, block.attn.wq.weight.device) for block in self.layers]
+        return [block.attn.new_cache(batch_size, max_len, dtype) for block in self.layers]
 
-    def forward(self, idx, cache=None, start_pos: int = 0, pad_mask=None, return_router: bool = False, last_only: bool = False):
+    def forward(self, idx, cache=None, start_pos=0, pad_mask=None, last_only: bool = False):
         """idx (B, T) int64 token ids -> logits (B, T, vocab_size) float32.
 
         cache, start_pos: with a cache from new_cache(), idx holds the tokens at positions
             start_pos .. start_pos + T - 1 and attends to the cached ones before them.
-        pad_mask (B, start_pos + T) bool, True at real tokens: for left-padded batches.
+            start_pos is an int, or a 0-d tensor (a compiled decoding step reads it on the device).
+        pad_mask (B, >= start_pos + T) bool, True at real tokens: for left-padded batches.
             Each row's positions count its real tokens only, so padding changes nothing.
-        return_router: also return, per layer, the router's (probs, experts), for the
-            load-balancing loss (moe.load_balancing_loss) and for inspecting routing.
         last_only: logits of the last position only, (B, 1, vocab_size): all that generating
-            the next token needs (a long prompt's full logits would be large: 8192 positions
-            of Orion's vocabulary are 3.7 GB in float32).
+            the next token needs (8192 positions of Orion's vocabulary are 3.7 GB in float32).
         """
-        idx = idx.to(self.embed.weight.device)
         B, T = idx.shape
+        if not torch.is_tensor(start_pos):
+            self.check_positions(B, T, cache, start_pos, pad_mask)
+        slots = start_pos + torch.arange(T, device=idx.device)  # (T,) where the tokens sit in the sequence
+        positions = token_positions(slots, pad_mask)  # (1 or B, T)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (1 or B, T, head_dim)
+        if pad_mask is None and not torch.is_tensor(start_pos) and start_pos == 0:
+            mask = None  # plain causal attention among the T tokens: the fastest kernels
+        else:
+            mask = attention_mask(slots, T if cache is None else cache[0].k.shape[2], pad_mask)
+
+        x = self.embed(idx)  # (B, T, dim)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, mask, None if cache is None else cache[i], slots)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()  # (B, T or 1, vocab_size)
+
+    def routing(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's routing in the last forward pass: the router's probs (B*T, n_experts)
+        and the chosen experts (B*T, top_k), for the load-balancing loss (moe.load_balancing_loss)
+        and for inspecting which experts the tokens went to."""
+        return [block.moe.routing for block in self.layers]
+
+    def check_positions(self, B: int, T: int, cache, start_pos: int, pad_mask) -> None:
+        """Refuse inconsistent arguments with a reason, instead of failing inside attention."""
         end = start_pos + T
         if end > self.config.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if cache is not None and end > cache[0].k.shape[2]:
+            raise ValueError(f"the KV cache holds {cache[0].k.shape[2]} positions, asked to write up to {end}")
         if start_pos > 0 and cache is None:
             raise ValueError(f"start_pos={start_pos} needs the KV cache holding positions 0..{start_pos - 1} (model.new_cache)")
         if pad_mask is not None and (pad_mask.shape[0] != B or pad_mask.shape[1] < end):
-            raise ValueError(f"pad_mask must cover every position so far, shape ({B}, {end}); got {tuple(pad_mask.shape)}")
-        if pad_mask is None:
-            positions = torch.arange(start_pos, end, device=idx.device).expand(B, T)
-        else:
-            positions = (pad_mask[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, start_pos:]
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim)
-        mask = attention_mask(T, start_pos, pad_mask, device=idx.device)
-
-        x = self.embed(idx)  # (B, T, dim)
-        routers = []
-        for i, block in enumerate(self.layers):
-            device = block.attn.wq.weight.device  # layers may be spread over GPUs (load(device="auto"))
-            x, cos, sin = x.to(device), cos.to(device), sin.to(device)
-            mask = None if mask is None else mask.to(device)
-            x, probs, experts = block(x, cos, sin, mask, None if cache is None else cache[i], start_pos)
-            routers.append((probs, experts))
-        if last_only:
-            x = x[:, -1:]
-        logits = self.lm_head(self.norm(x.to(self.lm_head.weight.device))).float()  # (B, T or 1, vocab_size)
-        return (logits, routers) if return_router else logits
+            raise ValueError(f"pad_mask must cover every position so far, shape ({B}, >= {end}); got {tuple(pad_mask.shape)}")

@@ -24,12 +24,13 @@ f_e the fraction of tokens routed to expert e, P_e the mean router probability o
 equals top_k when routing is perfectly even and grows as it concentrates.
 
 Ways to run the experts, all computing the same thing: `moe_reference` loops over experts
-and is obviously right; `moe_grouped` (what the model uses) sorts the (token, expert) pairs
-by expert so that each expert does one matmul over a contiguous block. Two serve decoding,
-where per-step overhead counts: `moe_one_token` runs a single token's top_k experts
-directly (batch-1 decode, no sorting or scattering), and `moe_gathered` gathers each
-token's experts' weights, which has no data-dependent shapes, so torch.compile can fuse a
-one-token decode step into kernels that read the weights in place.
+and is obviously right. `moe_grouped` serves many tokens (training, prompts): it sorts the
+(token, expert) pairs by expert, so that each expert's tokens form one block, and one
+grouped matmul (F.grouped_mm) multiplies every block by its expert, all on the device.
+Two serve decoding, a token or a few at a time, where reading the weights is the cost:
+`moe_gathered` multiplies each (token, expert) pair by just that expert's weights, read in
+place (gemv.py; on a GPU, without asking the host which experts were chosen), and
+`moe_one_token` runs a single token's experts one after another (the CPU's eager path).
 """
 
 import torch
@@ -37,6 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OrionConfig
+from .gemv import expert_gemv
+
+DECODE_TOKENS = 8  # up to this many tokens (and no gradients), decoding's paths serve
 
 
 def route(router_logits: torch.Tensor, top_k: int):
@@ -45,6 +49,13 @@ def route(router_logits: torch.Tensor, top_k: int):
     weights, experts = probs.topk(top_k, dim=-1)
     weights = weights / weights.sum(dim=-1, keepdim=True)
     return probs, weights, experts
+
+
+def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How many (token, slot) pairs chose each expert: (n_experts,) int32, computed on the
+    device (torch.bincount would ask the host for the largest id first)."""
+    flat = experts.flatten()
+    return torch.zeros(n_experts, dtype=torch.int32, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
 def expert_ffn(x, w1, w3, w2):
@@ -65,16 +76,38 @@ def moe_reference(x, weights, experts, w1, w3, w2):
 def moe_grouped(x, weights, experts, w1, w3, w2):
     """Same as moe_reference, with the tokens of each expert gathered into one block."""
     N, top_k = experts.shape
-    flat_experts = experts.flatten()  # (N * top_k,): the expert of each (token, slot)
-    order = flat_experts.argsort(stable=True)  # slots sorted by expert
-    token = order // top_k  # the token of each sorted slot
-    counts = flat_experts.bincount(minlength=w1.shape[0]).tolist()  # slots per expert
-    blocks = x[token].split(counts)  # block e: the tokens routed to expert e, (counts[e], dim)
-    # unbind, not w1[e]: in backward each w1[e] would add a full-size zero-padded gradient to w1
-    experts_w = zip(w1.unbind(0), w3.unbind(0), w2.unbind(0))
-    y_sorted = torch.cat([expert_ffn(xe, *w) for xe, w in zip(blocks, experts_w) if len(xe)])
-    y_sorted = (y_sorted * weights.flatten()[order, None]).to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token, y_sorted)  # sum each token's top_k outputs
+    order = experts.flatten().argsort(stable=True)  # (token, slot) pairs sorted by expert
+    token = order // top_k  # the token of each sorted pair
+    xs = x[token]  # (N * top_k, dim): block e holds the tokens routed to expert e
+    counts = expert_counts(experts, w1.shape[0])  # block sizes
+    dtype = compute_dtype(x)
+    if grouped_mm_runs(x.device, dtype, x.shape[1], w1.shape[1]):
+        ends = counts.cumsum(0, dtype=torch.int32)  # where each block ends
+        xs, w1, w3, w2 = (t.to(dtype) for t in (xs, w1, w3, w2))  # grouped_mm is not autocast's
+
+        def grouped(a, w):  # a's block e times w[e]^T, every block in one kernel
+            return F.grouped_mm(a, w.transpose(-2, -1), offs=ends)
+
+        y = grouped(F.silu(grouped(xs, w1)) * grouped(xs, w3), w2)
+    else:  # one matmul per expert, in Python: the host waits for the block sizes
+        # unbind, not w1[e]: in backward each w1[e] would add a full-size zero-padded gradient to w1
+        experts_w = zip(w1.unbind(0), w3.unbind(0), w2.unbind(0))
+        y = torch.cat([expert_ffn(xe, *w) for xe, w in zip(xs.split(counts.tolist()), experts_w) if len(xe)])
+    y = (y * weights.flatten()[order, None]).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y)  # sum each token's top_k outputs
+
+
+def moe_gathered(x, weights, experts, w1, w3, w2, scales=(None, None, None)):
+    """Same as moe_reference for a few tokens: each (token, slot) pair multiplies only its
+    expert's weights, read in place (gemv.expert_gemv). scales: the per-row scales of int8
+    weights (quantize.py), applied to the outputs."""
+    N, top_k = experts.shape
+    expert = experts.flatten()  # (N * top_k,): the expert of each (token, slot) pair
+    xs = x.repeat_interleave(top_k, dim=0)  # (N * top_k, dim): each pair's token
+    s1, s3, s2 = scales
+    h = F.silu(expert_gemv(xs, w1, expert, s1)) * expert_gemv(xs, w3, expert, s3)  # (N * top_k, ffn_dim)
+    y = expert_gemv(h, w2, expert, s2).view(N, top_k, -1)  # each chosen expert's output
+    return (y * weights[..., None].to(y.dtype)).sum(1)
 
 
 def moe_one_token(x, weights, experts, w1, w3, w2):
@@ -85,21 +118,33 @@ def moe_one_token(x, weights, experts, w1, w3, w2):
     return y
 
 
-def moe_gathered(x, weights, experts, w1, w3, w2):
-    """Same as moe_reference, meant for a few tokens under torch.compile: index the stacked
-    weights by each token's experts, (N, top_k, ffn_dim, dim), and contract. Run eagerly,
-    the indexing copies the chosen experts' weights; compiled, it is fused into the matmuls."""
-    h = F.silu(torch.einsum("nd,nkfd->nkf", x, w1[experts])) * torch.einsum("nd,nkfd->nkf", x, w3[experts])
-    y = torch.einsum("nkf,nkdf->nkd", h, w2[experts])  # (N, top_k, dim): each chosen expert's output
-    return torch.einsum("nkd,nk->nd", y, weights.to(x.dtype))
-
-
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
     """n_experts * sum_e f_e * P_e for one layer; probs (N, n_experts), experts (N, top_k)."""
     N, n_experts = probs.shape
-    f = experts.flatten().bincount(minlength=n_experts).float() / N  # tokens per expert, sums to top_k
+    f = expert_counts(experts, n_experts).float() / N  # tokens per expert, sums to top_k
     P = probs.mean(dim=0)  # mean router probability per expert: the part gradients flow through
     return n_experts * (f * P).sum()
+
+
+# ---- which kernels this machine has --------------------------------------------------------
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's, where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype, dim: int, ffn_dim: int) -> bool:
+    """Whether F.grouped_mm runs here: on CUDA from torch 2.9 in bfloat16 on sm80 and later,
+    on the CPU from torch 2.13 (there, under torch.compile, in bfloat16 only); in bfloat16
+    the rows must be a multiple of 16 bytes long."""
+    if not hasattr(F, "grouped_mm") or (dtype == torch.bfloat16 and (dim % 8 or ffn_dim % 8)):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    new_enough = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+    return device.type == "cpu" and new_enough and (dtype == torch.bfloat16 or not torch.compiler.is_compiling())
 
 
 class MoE(nn.Module):
@@ -114,14 +159,21 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, D, F_))  # down projection
 
     def forward(self, x):
-        """x (B, T, dim) -> y (B, T, dim), plus the router's probs (B*T, n_experts) and
-        chosen experts (B*T, top_k) for the load-balancing loss and for inspection."""
+        """x (B, T, dim) -> y (B, T, dim). The routing is kept in self.routing: the router's
+        probs (B*T, n_experts) and the chosen experts (B*T, top_k), for the load-balancing
+        loss and for inspection (Orion.routing gathers every layer's)."""
         B, T, D = x.shape
         x = x.reshape(B * T, D)
         probs, weights, experts = route(self.router(x), self.top_k)
-        if T == 1 and torch.compiler.is_compiling():  # a compiled decode step (module docstring)
-            moe = moe_gathered
-        else:
-            moe = moe_one_token if B * T == 1 else moe_grouped
-        y = moe(x, weights, experts, self.w1, self.w3, self.w2)
-        return y.view(B, T, D), probs, experts
+        self.routing = (probs, experts)
+        return self.mix(x, weights, experts).view(B, T, D)
+
+    def mix(self, x, weights, experts):
+        """sum_j weights[:, j] * expert_{experts[:, j]}(x), by the way that suits the work
+        (module docstring): x (N, dim) -> (N, dim)."""
+        decoding = len(x) <= DECODE_TOKENS and not torch.is_grad_enabled()
+        if decoding and (x.is_cuda or torch.compiler.is_compiling()):
+            return moe_gathered(x, weights, experts, self.w1, self.w3, self.w2)
+        if len(x) == 1:
+            return moe_one_token(x, weights, experts, self.w1, self.w3, self.w2)
+        return moe_grouped(x, weights, experts, self.w1, self.w3, self.w2)

@@ -5,11 +5,12 @@ Each output channel (row) of a weight matrix W (out, in) gets its own scale,
     s[o] = max_i |W[o, i]| / 127,     q[o, i] = round(W[o, i] / s[o])  in  -127 .. 127,
 
 so W ~ q * s[:, None], off by at most s[o] / 2 per entry. Only the weights are int8; the
-activations stay in the model's dtype, and a product W x is computed as (q x) * s, the
-int8 matrix converted on the fly. Decoding at batch 1 is limited by reading weights from
-memory, so one byte per weight instead of two is up to 2x faster where the conversion is
-fused into the matmul (torch.compile, e.g. generate.py --compile); run eagerly it saves
-memory but not time, as each weight is first converted to a full-precision copy.
+activations stay in the model's dtype, and a product W x is computed as (q x) * s: the
+scale multiplies the outputs, never a converted copy of the weights. Decoding at batch 1
+is limited by reading weights from memory, so one byte per weight instead of two is up to
+2x faster, where the conversion happens as each weight is read: gemv.expert_gemv's kernel
+on a GPU. Many tokens at once (a prompt) are limited by arithmetic instead, and there the
+weights are converted first and multiplied as usual.
 
 Quantized: attention's wq, wk, wv, wo, every expert's w1, w3, w2 (per expert, per output
 channel), and lm_head: 99% of the bytes. Kept in high precision: the embedding (a table
@@ -20,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import gemv
+from .moe import DECODE_TOKENS, MoE, moe_gathered, moe_grouped
+
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (..., out, in) -> q (..., out, in) int8, scale (..., out) in w's dtype."""
@@ -27,6 +31,10 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = w32.abs().amax(dim=-1).clamp(min=1e-12) / 127  # (..., out); a zero row keeps scale > 0
     q = (w32 / scale[..., None]).round().clamp(-127, 127).to(torch.int8)
     return q, scale.to(w.dtype)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
+    return q.to(dtype) * scale[..., None].to(dtype)
 
 
 class Int8Linear(nn.Module):
@@ -39,34 +47,33 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale
+        rows = x.reshape(-1, x.shape[-1])
+        if len(rows) <= DECODE_TOKENS and gemv.use_triton(x):  # decoding: int8 read and converted in the kernel
+            y = gemv.expert_gemv(rows, self.weight[None], torch.zeros(len(rows), dtype=torch.long, device=x.device), self.scale[None])
+            return y.view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
 
-class Int8Experts(nn.Module):
-    """Stacked expert weights (n_experts, out, in) in int8 with scales (n_experts, out).
+class Int8MoE(MoE):
+    """An MoE layer whose experts' weights are int8, (n_experts, out, in) with scales
+    (n_experts, out); the router stays in high precision. Routing is MoE's; only the way
+    the experts are multiplied (`mix`) differs."""
 
-    Stands in for the float Parameter that moe.py uses: `experts[e]` (an int or a tensor
-    of expert ids) gives the dequantized weights of those experts, `unbind()` every
-    expert's, and `.shape` is the shape.
-    """
+    def __init__(self, moe: MoE, device=None):
+        nn.Module.__init__(self)  # not MoE.__init__, which would allocate float expert weights
+        self.top_k = moe.top_k
+        self.router = moe.router.to(device)
+        for name in ("w1", "w3", "w2"):
+            q, scale = quantize_int8(getattr(moe, name).detach().to(device))
+            self.register_buffer(name, q)
+            self.register_buffer("scale_" + name, scale)
 
-    def __init__(self, w: torch.Tensor, device=None):
-        super().__init__()
-        q, scale = quantize_int8(w.detach().to(device))
-        self.register_buffer("weight", q)
-        self.register_buffer("scale", scale)
-
-    @property
-    def shape(self):
-        return self.weight.shape
-
-    def __getitem__(self, e):
-        return self.weight[e].to(self.scale.dtype) * self.scale[e][..., None]
-
-    def unbind(self, dim: int = 0):
-        """Every expert's dequantized weights, as moe_grouped takes them from a Parameter."""
-        assert dim == 0, "experts are stacked along dim 0"
-        return [self[e] for e in range(self.weight.shape[0])]
+    def mix(self, x, weights, experts):
+        if len(x) <= DECODE_TOKENS:  # read only the chosen experts, converting as they are read
+            scales = (self.scale_w1, self.scale_w3, self.scale_w2)
+            return moe_gathered(x, weights, experts, self.w1, self.w3, self.w2, scales)
+        w1, w3, w2 = (dequantize(getattr(self, n), getattr(self, "scale_" + n), x.dtype) for n in ("w1", "w3", "w2"))
+        return moe_grouped(x, weights, experts, w1, w3, w2)
 
 
 @torch.no_grad()
@@ -78,9 +85,6 @@ def quantize_model(model, device=None):
     for block in model.layers:
         for name in ("wq", "wk", "wv", "wo"):
             setattr(block.attn, name, Int8Linear(getattr(block.attn, name), device))
-        for name in ("w1", "w3", "w2"):
-            w = getattr(block.moe, name)
-            delattr(block.moe, name)  # drop the float Parameter before registering the int8 module
-            setattr(block.moe, name, Int8Experts(w, device))
+        block.moe = Int8MoE(block.moe, device)
     model.lm_head = Int8Linear(model.lm_head, device)
     return model.to(device) if device is not None else model

@@ -20,17 +20,35 @@ one instead (greedy decoding). The neutral settings (penalty 1, n-gram 0, top_k 
 top_p 1) switch a processor off. Sampling draws from a torch.Generator, so a seed fixes
 the tokens.
 
-`generate` works on token tensors; `generate_text` adds the tokenizer: prompts in, text
-out, streamed through a callback, with stops on eos and on stop strings.
+The five settings travel together as a `SamplingConfig`; `ORION_DEMO` holds the demo's.
+
+Decoding is a loop of one-token steps, each with the same shapes: the KV cache has a fixed
+size and the position to write is a tensor on the device, advanced in place. So the step
+can be compiled once (`compile_decode_step`) and, on a GPU, replayed as one CUDA graph per
+token, without Python or the host in the way. `generate` works on token tensors;
+streaming.generate_text adds the tokenizer: prompts in, text out.
 """
 
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .tokenizer import StreamDecoder
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is chosen from the logits (the module docstring's steps 1-5);
+    the defaults switch every processor off: greedy decoding."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: all tokens
+    top_p: float = 1.0  # 1: all tokens
+    repetition_penalty: float = 1.0  # 1: off
+    no_repeat_ngram_size: int = 0  # 0: off
+
+
+GREEDY = SamplingConfig()
+ORION_DEMO = SamplingConfig(temperature=0.7, top_k=40, top_p=0.85, repetition_penalty=1.05, no_repeat_ngram_size=5)
 
 
 def apply_repetition_penalty(logits, ids, penalty: float, mask=None):
@@ -77,13 +95,13 @@ def apply_top_p(logits, p: float):
     return logits.masked_fill(drop, float("-inf"))
 
 
-def process_logits(logits, ids, mask=None, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0):
+def process_logits(logits, ids, sampling: SamplingConfig, mask=None):
     """Steps 1-5 of the module docstring; temperature 0 skips the (then irrelevant) 3-5."""
-    logits = apply_repetition_penalty(logits, ids, repetition_penalty, mask)
-    logits = apply_no_repeat_ngram(logits, ids, no_repeat_ngram_size, mask)
-    if temperature == 0:
+    logits = apply_repetition_penalty(logits, ids, sampling.repetition_penalty, mask)
+    logits = apply_no_repeat_ngram(logits, ids, sampling.no_repeat_ngram_size, mask)
+    if sampling.temperature == 0:
         return logits
-    return apply_top_p(apply_top_k(logits / temperature, top_k), top_p)
+    return apply_top_p(apply_top_k(logits / sampling.temperature, sampling.top_k), sampling.top_p)
 
 
 def sample(logits, temperature: float = 0.0, generator: torch.Generator | None = None):
@@ -94,61 +112,64 @@ def sample(logits, temperature: float = 0.0, generator: torch.Generator | None =
 
 
 def decode_step_of(model):
-    """The one-token decode step, step(next_id, cache, start_pos, pad_mask) -> logits (B, 1, V),
-    as a plain function of tensors: what `generate_tokens` calls each step, and what the
-    callers wrap in torch.compile."""
+    """The one-token decode step, step(next_id, cache, pos, pad_mask) -> logits (B, 1, V), as a
+    plain function of tensors: what `generate_tokens` calls each step, compiled or not."""
 
-    def step(next_id, cache, start_pos, pad_mask):
-        return model(next_id, cache=cache, start_pos=start_pos, pad_mask=pad_mask)
+    def step(next_id, cache, pos, pad_mask):
+        return model(next_id, cache=cache, start_pos=pos, pad_mask=pad_mask)
 
     return step
 
 
+def compile_decode_step(model, batch_size: int = 1):
+    """decode_step_of(model) compiled for speed: the whole step one graph (fullgraph), its
+    shapes fixed but for the cache's length, and on a GPU captured as a CUDA graph
+    ("reduce-overhead") so that a token costs one launch. Compiling takes a while; it
+    happens here, on a short dummy generation of `batch_size` rows, not on the first
+    real tokens (a batch of another size, or with padding, compiles once more)."""
+    torch._inductor.config.coordinate_descent_tuning = True  # tune each kernel's blocks: bandwidth-bound GEMVs gain
+    device = model.embed.weight.device
+    step = torch.compile(decode_step_of(model), fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
+    generate(model, torch.zeros(batch_size, 1, dtype=torch.long, device=device), 3, decode_step=step)
+    return step
+
+
 @torch.inference_mode()
-def generate_tokens(
-    model,
-    idx,
-    max_new_tokens: int,
-    pad_mask=None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    no_repeat_ngram_size: int = 0,
-    generator: torch.Generator | None = None,
-    decode_step=None,
-):
+def generate_tokens(model, idx, max_new_tokens: int, sampling: SamplingConfig = GREEDY, pad_mask=None,
+                    generator: torch.Generator | None = None, decode_step=None):
     """Yield the next ids (B, 1) one step at a time; the caller stops when it wants.
 
     idx (B, T) prompts, left-padded when of different lengths, with pad_mask (B, T) True
-    at real tokens. decode_step(next_id, cache, start_pos, pad_mask) -> logits (B, 1, V)
-    replaces the model call for one-token steps (e.g. a torch.compile'd one); its default
-    is `decode_step_of(model)`, the model itself.
+    at real tokens. decode_step(next_id, cache, pos, pad_mask) -> logits (B, 1, V)
+    replaces the model call for one-token steps (e.g. compile_decode_step(model)); its
+    default is `decode_step_of(model)`, the model itself.
     """
     B, T = idx.shape
     if max_new_tokens <= 0:
         return
     decode_step = decode_step or decode_step_of(model)
     cache = model.new_cache(B, T + max_new_tokens)
-    ids = idx
     logits = model(idx, cache=cache, pad_mask=pad_mask, last_only=True)[:, -1]  # prefill: (B, vocab_size)
+    if pad_mask is not None:
+        pad_mask = F.pad(pad_mask, (0, max_new_tokens), value=True)  # (B, T + max_new_tokens): new tokens are real
+        torch._dynamo.maybe_mark_dynamic(pad_mask, 1)  # its length, the cache's, may vary (attention.KVCache)
+    pos = torch.tensor(T, device=idx.device)  # where the next token goes: on the device, advanced in place
+    ids = idx
     for step in range(max_new_tokens):
-        logits = process_logits(logits, ids, pad_mask, temperature, top_k, top_p, repetition_penalty, no_repeat_ngram_size)
-        next_id = sample(logits, temperature, generator)  # (B, 1)
+        logits = process_logits(logits, ids, sampling, None if pad_mask is None else pad_mask[:, : ids.shape[1]])
+        next_id = sample(logits, sampling.temperature, generator)  # (B, 1)
         yield next_id
         if step + 1 == max_new_tokens:
             return
         ids = torch.cat([ids, next_id], dim=1)
-        if pad_mask is not None:
-            pad_mask = F.pad(pad_mask, (0, 1), value=True)
-        logits = decode_step(next_id, cache, T + step, pad_mask)[:, -1]
+        logits = decode_step(next_id, cache, pos, pad_mask)[:, -1]
+        pos += 1
 
 
-def generate(model, idx, max_new_tokens: int, temperature: float = 0.0, generator: torch.Generator | None = None, **sampling):
-    """idx (B, T) prompt ids -> (B, T + max_new_tokens) ids. `sampling`: the keyword
-    arguments of generate_tokens (pad_mask, top_k, top_p, repetition_penalty, ...)."""
-    steps = generate_tokens(model, idx, max_new_tokens, temperature=temperature, generator=generator, **sampling)
-    return torch.cat([idx, *steps], dim=1)
+def generate(model, idx, max_new_tokens: int, sampling: SamplingConfig = GREEDY, **kwargs):
+    """idx (B, T) prompt ids -> (B, T + max_new_tokens) ids, greedy unless `sampling` says
+    otherwise. kwargs: generate_tokens' pad_mask, generator, decode_step."""
+    return torch.cat([idx, *generate_tokens(model, idx, max_new_tokens, sampling, **kwargs)], dim=1)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None):
@@ -157,85 +178,3 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
     idx = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)
     pad_mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
     return idx, pad_mask
-
-
-class _TextStop:
-    """One row's text: streams decoded chunks, holding back what may be the start of a stop string."""
-
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...]):
-        self.decoder = StreamDecoder(tokenizer, context=prompt_ids)
-        self.stop = stop
-        self.pending = ""  # decoded, not yet released
-        self.text = ""  # released
-        self.done = False
-
-    def push(self, token_id: int) -> str:
-        return self._release(self.decoder.push(token_id), final=False)
-
-    def finish(self) -> str:
-        return self._release(self.decoder.flush(), final=True)
-
-    def _release(self, chunk: str, final: bool) -> str:
-        self.pending += chunk
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out, self.done = self.pending[: min(hits)], True
-        elif final:
-            out = self.pending
-        else:  # hold back the longest ending that could still grow into a stop string
-            hold = max((n for s in self.stop for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
-            out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out) :]
-        self.text += out
-        return out
-
-
-@dataclass
-class Generation:
-    texts: list[str]  # one completion per prompt, without the prompt
-    prompt_tokens: list[int]
-    new_tokens: list[int]  # generated per prompt, eos included
-    time_to_first_token: float  # seconds: encoding, prefill and the first sample
-    decode_time: float  # seconds from the first token to the last
-
-
-def generate_text(model, tokenizer, prompts, max_new_tokens: int, stop=(), on_text=None, device=None, **sampling) -> Generation:
-    """Complete each prompt (a string, or a list of token ids) and time it.
-
-    Rows stop at eos, at the first stop string (which is not included), or after
-    max_new_tokens. on_text(row, chunk) is called as text becomes final, for streaming.
-    Several prompts run as one left-padded batch. `sampling`: generate_tokens' keywords.
-    """
-    start = time.perf_counter()
-    encoded = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    if any(len(e) == 0 for e in encoded):
-        raise ValueError("empty prompt: give at least one token of text")
-    idx, pad_mask = left_pad(encoded, tokenizer.pad_id, device)
-    if pad_mask.all():
-        pad_mask = None  # equal lengths: no padding to hide
-    rows = [_TextStop(tokenizer, e, tuple(stop)) for e in encoded]
-    new_tokens = [0] * len(prompts)
-    first = None
-
-    def emit(b, chunk):
-        if chunk and on_text:
-            on_text(b, chunk)
-
-    for next_id in generate_tokens(model, idx, max_new_tokens, pad_mask=pad_mask, **sampling):
-        tokens = next_id[:, 0].tolist()  # waits for the device
-        first = first or time.perf_counter()
-        for b, token in enumerate(tokens):
-            if rows[b].done:
-                continue
-            new_tokens[b] += 1
-            is_eos = token == tokenizer.eos_id
-            emit(b, rows[b].finish() if is_eos else rows[b].push(token))
-            rows[b].done |= is_eos
-        if all(r.done for r in rows):
-            break
-    end = time.perf_counter()
-    for b, row in enumerate(rows):
-        if not row.done:
-            emit(b, row.finish())
-    first = first or end
-    return Generation([r.text for r in rows], [len(e) for e in encoded], new_tokens, first - start, end - first)

@@ -2,10 +2,17 @@
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels (nano_orion/gemv.py) run in Triton's interpreter, on CPU
+# tensors. Set before nano_orion is imported: the kernel module reads it when it loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
@@ -66,6 +73,10 @@ def random_model(config: OrionConfig, seed: int = 0) -> Orion:
         for block in model.layers:
             block.moe.router.weight.normal_(0.0, 1.0)
     return model.eval()
+
+
+# The device the tests of GPU code paths use: a GPU where there is one, else the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(params=FIXTURE_NAMES)

@@ -134,21 +134,24 @@ def test_gqa_equals_multi_head_attention_with_repeated_kv_heads(config, seed):
 
 
 def test_attention_mask_by_hand():
-    causal = attention_mask(3, start_pos=2)[0, 0]  # queries 2, 3, 4; keys 0..4
+    causal = attention_mask(torch.arange(2, 5), 5)[0, 0]  # queries at slots 2, 3, 4; keys 0..4
     assert causal.tolist() == [
         [True, True, True, False, False],
         [True, True, True, True, False],
         [True, True, True, True, True],
     ]
     pad_mask = torch.tensor([[False, False, True, True]])
-    padded = attention_mask(4, 0, pad_mask)[0, 0]
+    padded = attention_mask(torch.arange(4), 4, pad_mask)[0, 0]
     assert padded.tolist() == [
         [True, False, False, False],  # a pad query sees only itself
         [False, True, False, False],
         [False, False, True, False],  # real tokens never see pads
         [False, False, True, True],
     ]
-    assert attention_mask(5) is None  # the plain causal case goes to is_causal=True
+    # One query over a cache of 6 slots: the slots not yet written stay hidden, and a
+    # pad_mask shorter than the cache (covering the tokens so far) is enough.
+    decode = attention_mask(torch.tensor([3]), 6, pad_mask)[0, 0]
+    assert decode.tolist() == [[False, False, True, True, False, False]]
 
 
 def test_inconsistent_cache_arguments_are_refused_with_a_reason():
@@ -160,3 +163,5 @@ def test_inconsistent_cache_arguments_are_refused_with_a_reason():
         model(idx, cache=model.new_cache(2, 10), start_pos=4, pad_mask=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="KV cache holds 6 positions"):
+        model(idx, cache=model.new_cache(2, 6), start_pos=4)

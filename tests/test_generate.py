@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import nano_orion
-from nano_orion.sampler import generate_text, left_pad
+from nano_orion.sampler import SamplingConfig, left_pad
+from nano_orion.streaming import generate_text
 
 from conftest import FIXTURE_NAMES, FIXTURES, load_script, reference
 
@@ -30,8 +31,9 @@ def test_left_padded_batch_equals_one_at_a_time(fixture):
 def test_text_batch_equals_one_at_a_time(fixture):
     _, model, tok, _ = fixture
     prompts = ["expert", "位置 and the experts of 专家", "Hello"]
-    together = generate_text(model, tok, prompts, 10, repetition_penalty=1.05, no_repeat_ngram_size=3).texts
-    assert together == [generate_text(model, tok, [p], 10, repetition_penalty=1.05, no_repeat_ngram_size=3).texts[0] for p in prompts]
+    sampling = SamplingConfig(repetition_penalty=1.05, no_repeat_ngram_size=3)
+    together = generate_text(model, tok, prompts, 10, sampling).texts
+    assert together == [generate_text(model, tok, [p], 10, sampling).texts[0] for p in prompts]
 
 
 def run_cli(capsys, *argv):
@@ -108,21 +110,3 @@ def test_cli_missing_prompt_file(tmp_path, capsys):
 def test_cli_sampling_setting_out_of_range(capsys, flag, value, allowed):
     last = cli_error(capsys, "--ckpt", "unused", "--prompt", "hi", flag, value)  # refused before the checkpoint is read
     assert f"{flag} {value}: must be {allowed}" in last
-
-
-@pytest.mark.parametrize("N", [1, 3])
-def test_decode_moe_paths_equal_reference(N):
-    """moe_one_token (eager batch-1 decode) and moe_gathered (compiled decode) against the
-    obviously-right expert loop; with int8 experts too (they are indexed the same way)."""
-    from nano_orion.moe import moe_gathered, moe_one_token, moe_reference, route
-    from nano_orion.quantize import Int8Experts
-
-    g = torch.Generator().manual_seed(N)
-    x = torch.randn(N, 16, generator=g)
-    w1, w3, w2 = (torch.randn(8, 24, 16, generator=g), torch.randn(8, 24, 16, generator=g), torch.randn(8, 16, 24, generator=g))
-    _, weights, experts = route(torch.randn(N, 8, generator=g), 2)
-    for w in ((w1, w3, w2), tuple(Int8Experts(t) for t in (w1, w3, w2))):
-        expected = moe_reference(x, weights, experts, *w)
-        assert torch.allclose(moe_gathered(x, weights, experts, *w), expected, atol=1e-4)
-        if N == 1:
-            assert torch.allclose(moe_one_token(x, weights, experts, *w), expected, atol=1e-4)

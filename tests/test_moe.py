@@ -1,12 +1,16 @@
 """Routing and expert dispatch."""
 
+from unittest import mock
+
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nano_orion import OrionConfig
-from nano_orion.moe import MoE, load_balancing_loss, moe_grouped, moe_reference, route
+import nano_orion.moe
+from nano_orion.moe import (MoE, expert_counts, load_balancing_loss, moe_gathered, moe_grouped, moe_one_token,
+                            moe_reference, route)
 
 
 @st.composite
@@ -43,16 +47,24 @@ def test_renormalised_top_k_equals_softmax_over_chosen_logits(problem):
     torch.testing.assert_close(weights, F.softmax(logits.gather(1, experts), dim=-1))
 
 
+def random_experts(g, E, dim, ffn_dim, requires_grad=False):
+    w1, w3 = (torch.randn(E, ffn_dim, dim, generator=g, requires_grad=requires_grad) for _ in range(2))
+    w2 = torch.randn(E, dim, ffn_dim, generator=g, requires_grad=requires_grad)
+    return w1, w3, w2
+
+
 @settings(max_examples=40, deadline=None)
-@given(routing_problems(), st.sampled_from([4, 16]), st.sampled_from([8, 20]))
-def test_grouped_dispatch_equals_reference_loop(problem, dim, ffn_dim):
+@given(routing_problems(), st.sampled_from([4, 16]), st.sampled_from([8, 20]), st.booleans())
+def test_grouped_dispatch_equals_reference_loop(problem, dim, ffn_dim, grouped_mm):
+    """Both ways moe_grouped runs: one F.grouped_mm per projection, and the per-expert loop
+    it falls back to where grouped_mm is unavailable (forced here)."""
     logits, top_k, g = problem
     N, E = logits.shape
     x = torch.randn(N, dim, generator=g, requires_grad=True)
-    w1, w3 = (torch.randn(E, ffn_dim, dim, generator=g, requires_grad=True) for _ in range(2))
-    w2 = torch.randn(E, dim, ffn_dim, generator=g, requires_grad=True)
+    w1, w3, w2 = random_experts(g, E, dim, ffn_dim, requires_grad=True)
     _, weights, experts = route(logits, top_k)
-    fast = moe_grouped(x, weights, experts, w1, w3, w2)
+    with mock.patch.object(nano_orion.moe, "grouped_mm_runs", lambda *args: grouped_mm):
+        fast = moe_grouped(x, weights, experts, w1, w3, w2)
     slow = moe_reference(x, weights, experts, w1, w3, w2)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-5)
     # Gradients agree too, so training may use the fast path.
@@ -60,6 +72,50 @@ def test_grouped_dispatch_equals_reference_loop(problem, dim, ffn_dim):
     grads_slow = torch.autograd.grad(slow.square().sum(), (x, w1, w3, w2))
     for a, b in zip(grads_fast, grads_slow):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+
+
+def test_grouped_mm_runs_on_this_cpu():
+    """torch 2.13's CPU build has F.grouped_mm: the tests above exercise it, not only the fallback."""
+    assert nano_orion.moe.grouped_mm_runs(torch.device("cpu"), torch.float32, 16, 24)
+    assert not nano_orion.moe.grouped_mm_runs(torch.device("cpu"), torch.bfloat16, 12, 24)  # rows not 16-byte aligned
+
+
+def test_grouped_dispatch_in_bfloat16_under_autocast():
+    """Training's setting: float32 weights, bf16 autocast. grouped_mm gets bf16 operands
+    (it is not autocast's), and gradients reach the float32 weights."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 16, generator=g, requires_grad=True)
+    w1, w3, w2 = random_experts(g, 4, 16, 24, requires_grad=True)
+    _, weights, experts = route(torch.randn(40, 4, generator=g), 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = moe_grouped(x, weights, experts, w1, w3, w2)
+    slow = moe_reference(x, weights, experts, w1, w3, w2)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, slow, atol=0.05 * slow.abs().max().item(), rtol=0)
+    fast.square().sum().backward()
+    assert w1.grad.dtype == torch.float32 and w1.grad.abs().sum() > 0
+
+
+@settings(max_examples=30, deadline=None)
+@given(routing_problems(), st.sampled_from([4, 16]), st.sampled_from([8, 20]))
+def test_decoding_dispatch_equals_reference_loop(problem, dim, ffn_dim):
+    """moe_gathered (any few tokens) and moe_one_token (one token), decoding's two ways."""
+    logits, top_k, g = problem
+    N, E = logits.shape
+    x = torch.randn(N, dim, generator=g)
+    w1, w3, w2 = random_experts(g, E, dim, ffn_dim)
+    _, weights, experts = route(logits, top_k)
+    slow = moe_reference(x, weights, experts, w1, w3, w2)
+    torch.testing.assert_close(moe_gathered(x, weights, experts, w1, w3, w2), slow, atol=1e-4, rtol=1e-5)
+    one = moe_one_token(x[:1], weights[:1], experts[:1], w1, w3, w2)
+    torch.testing.assert_close(one, slow[:1], atol=1e-4, rtol=1e-5)
+
+
+def test_expert_counts_equal_bincount():
+    experts = torch.randint(0, 6, (50, 2), generator=torch.Generator().manual_seed(0))
+    counts = expert_counts(experts, 8)
+    assert counts.dtype == torch.int32
+    assert counts.tolist() == experts.flatten().bincount(minlength=8).tolist()
 
 
 def test_reference_loop_matches_a_per_token_formula():
@@ -89,8 +145,7 @@ def test_permuting_tokens_permutes_outputs(seed, N):
     x = torch.randn(1, N, 16)
     perm = torch.randperm(N)
     with torch.no_grad():
-        y, _, _ = moe(x)
-        y_perm, _, _ = moe(x[:, perm])
+        y, y_perm = moe(x), moe(x[:, perm])
     torch.testing.assert_close(y_perm, y[:, perm], atol=1e-4, rtol=1e-4)
 
 
@@ -118,6 +173,7 @@ def test_load_balancing_loss_reaches_the_router():
     moe = MoE(OrionConfig(dim=8, ffn_dim=8, n_experts=4, top_k=2, n_heads=2, n_kv_heads=1, vocab_size=10))
     for p in moe.parameters():
         torch.nn.init.normal_(p)
-    _, probs, experts = moe(torch.randn(1, 12, 8))
+    moe(torch.randn(1, 12, 8))
+    probs, experts = moe.routing
     load_balancing_loss(probs, experts).backward()
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0

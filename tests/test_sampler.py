@@ -15,13 +15,15 @@ from transformers.generation.logits_process import (
 
 import nano_orion
 from nano_orion.sampler import (
+    ORION_DEMO,
+    SamplingConfig,
     apply_no_repeat_ngram,
     apply_repetition_penalty,
     apply_top_k,
     apply_top_p,
-    generate_text,
     sample,
 )
+from nano_orion.streaming import generate_text
 
 from conftest import FIXTURES, reference
 
@@ -108,7 +110,8 @@ def test_generation_never_repeats_an_ngram(n, seed):
     model, tok = fixture_model()
     prompt = torch.tensor([tok.encode("expert expert expert")])
     g = torch.Generator().manual_seed(seed)
-    out = nano_orion.generate(model, prompt, 20, temperature=1.5, top_k=4, no_repeat_ngram_size=n, generator=g)[0].tolist()
+    sampling = SamplingConfig(temperature=1.5, top_k=4, no_repeat_ngram_size=n)
+    out = nano_orion.generate(model, prompt, 20, sampling, generator=g)[0].tolist()
     ngrams = [tuple(out[i : i + n]) for i in range(len(out) - n + 1)]
     new = ngrams[len(prompt[0]) - n + 1 :]  # n-grams ending in a generated token
     assert all(ngrams.count(g) == 1 for g in new)
@@ -117,15 +120,14 @@ def test_generation_never_repeats_an_ngram(n, seed):
 def test_low_temperature_matches_greedy(model_and_tok, ref):
     model, _ = model_and_tok
     g = torch.Generator().manual_seed(0)
-    out = nano_orion.generate(model, ref["prompt_ids"], 24, temperature=1e-4, generator=g)
+    out = nano_orion.generate(model, ref["prompt_ids"], 24, SamplingConfig(temperature=1e-4), generator=g)
     assert torch.equal(out, ref["greedy_ids"])
 
 
 def test_same_seed_same_tokens(model_and_tok, ref):
     model, _ = model_and_tok
-    demo = dict(temperature=0.7, top_k=40, top_p=0.85, repetition_penalty=1.05, no_repeat_ngram_size=5)
     runs = [
-        nano_orion.generate(model, ref["prompt_ids"], 20, generator=torch.Generator().manual_seed(seed), **demo)
+        nano_orion.generate(model, ref["prompt_ids"], 20, ORION_DEMO, generator=torch.Generator().manual_seed(seed))
         for seed in (7, 7, 8)
     ]
     assert torch.equal(runs[0], runs[1])

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nano_orion.tokenizer import REPLACEMENT_CHAR, StreamDecoder, Tokenizer
+from nano_orion.streaming import REPLACEMENT_CHAR, StreamDecoder
+from nano_orion.tokenizer import Tokenizer
 
 from conftest import FIXTURES
 

@@ -78,7 +78,7 @@ def test_aux_loss_reaches_the_router_only():
     torch.manual_seed(0)
     model = Orion(OrionConfig.preset("toy", **TINY, vocab_size=64))
     x = torch.randint(0, 64, (2, 16))
-    ce, aux, counts = train.losses(model, x, x)
+    ce, aux, counts = train.losses(model, model, x, x)
     aux.backward()
     for layer in model.layers:
         assert layer.moe.router.weight.grad.abs().sum() > 0  # the aux loss's gradient reaches every router
@@ -87,7 +87,8 @@ def test_aux_loss_reaches_the_router_only():
     # counts: routed slots per expert, each layer's row sums to tokens x top_k
     assert counts.shape == (2, 4) and counts.sum(-1).tolist() == [2 * 16 * 2] * 2
     # the mean of the layers' load-balancing losses
-    _, routers = model(x, return_router=True)
+    model(x)
+    routers = model.routing()
     assert aux.item() == pytest.approx(sum(load_balancing_loss(p, e).item() for p, e in routers) / 2)
 
 
@@ -170,7 +171,7 @@ def test_resume_reads_sharded_checkpoints(tmp_path):
     config = OrionConfig.preset("toy", **TINY, vocab_size=64)
     model = Orion(config)
     optimizer = torch.optim.AdamW(train.param_groups(model, 0.1))
-    train.losses(model, torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))[0].backward()
+    train.losses(model, model, torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))[0].backward()
     optimizer.step()
     (tmp_path / "tok.model").write_bytes(b"any")
     train.save_checkpoint(tmp_path, model, optimizer, config, tmp_path / "tok.model", {"step": 7, "tokens": 0}, rank=0)

@@ -1,0 +1,86 @@
+"""Decoding as GPUs run it: any output strides, the position as a tensor, a compiled step.
+
+No GPU is needed to catch these paths' bugs: SDPA is made to return CUDA-like strides, the
+position is the device tensor the compiled step reads, and torch.compile runs on the CPU
+(where it cannot use CUDA graphs, but traces and fuses the same single graph).
+"""
+
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import nano_orion
+from nano_orion import OrionConfig
+from nano_orion.quantize import quantize_model
+from nano_orion.sampler import ORION_DEMO, compile_decode_step, generate, left_pad
+
+from conftest import FIXTURES, random_model
+
+SDPA = F.scaled_dot_product_attention
+
+
+def sdpa_with_cuda_strides(*args, **kwargs):
+    """SDPA's values in the layout CUDA's kernels return: (B, T, heads, head_dim) in memory."""
+    y = SDPA(*args, **kwargs)
+    return y.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def test_attention_does_not_assume_the_cpus_output_strides():
+    """CUDA's SDPA kernels return other strides than the CPU's; a .view of their output once
+    crashed every float32 decoding step on a GPU. Prefill, decode and a full pass agree."""
+    model, tok = nano_orion.load(FIXTURES / "orion-mini-rmsnorm")
+    idx = torch.tensor([tok.encode("The experts of 位置 and their router")])
+    expected_ids, expected_logits = generate(model, idx, 6), model(idx)
+    with mock.patch.object(F, "scaled_dot_product_attention", sdpa_with_cuda_strides):
+        assert torch.equal(generate(model, idx, 6), expected_ids)
+        torch.testing.assert_close(model(idx), expected_logits)
+
+
+def test_position_as_a_tensor_equals_position_as_an_int():
+    model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=3)
+    idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    pad_mask = torch.ones(2, 12, dtype=torch.bool)
+    pad_mask[1, :3] = False
+    with torch.no_grad():
+        logits = []
+        for start_pos in (6, torch.tensor(6)):
+            cache = model.new_cache(2, 12)
+            model(idx[:, :6], cache=cache, pad_mask=pad_mask[:, :6])
+            logits.append(model(idx[:, 6:], cache=cache, start_pos=start_pos, pad_mask=pad_mask))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=0)
+
+
+def sampled_runs(model, runs, decode_step=None):
+    """The tokens of each (prompts, n): n tokens sampled with the demo's settings, seeded."""
+    outputs = []
+    for prompts, n in runs:
+        idx, pad_mask = left_pad(prompts, 0)
+        g = torch.Generator().manual_seed(0)
+        pad_mask = None if pad_mask.all() else pad_mask
+        outputs.append(generate(model, idx, n, ORION_DEMO, pad_mask=pad_mask, generator=g, decode_step=decode_step).tolist())
+    return outputs
+
+
+def compiled_runs(model, runs):
+    """sampled_runs through one compiled decoding step, and the number of graphs compiled."""
+    before = counters["stats"]["unique_graphs"]
+    outputs = sampled_runs(model, runs, compile_decode_step(model))
+    return outputs, counters["stats"]["unique_graphs"] - before
+
+
+def test_compiled_decoding_equals_eager_and_compiles_once_per_shape_kind():
+    """A compiled step (one graph: fullgraph=True refuses graph breaks) gives the eager
+    tokens, sampled with the demo's settings, for float and int8 weights; generations of
+    other lengths reuse it (the cache's length is dynamic): one graph for all."""
+    model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=4)
+    runs = [([[5, 6, 7, 8]], 6), ([[9, 10, 11, 12, 13, 14]], 9), ([[3, 4, 5]], 12), ([[3, 4]], 15)]
+    outputs, graphs = compiled_runs(model, runs)
+    assert outputs == sampled_runs(model, runs)
+    assert graphs == 1
+    int8 = quantize_model(model)
+    padded = [([[5, 6, 7, 8], [9, 10]], 6), ([[5, 6, 7], [9, 10, 11, 12, 13]], 9)]  # left-padded batches of two
+    outputs, graphs = compiled_runs(int8, padded)
+    assert outputs == sampled_runs(int8, padded)
+    assert graphs == 2  # the warm-up's batch of one, and batches of two with padding
