@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import train
 from conftest import FIXTURES, ROOT, load_script
 
 generate = load_script("generate.py")
@@ -36,6 +37,7 @@ def run_script(*argv) -> tuple[int, str, str]:
          "generate.py: error: --prompt-ids: 99999 is not a token id; the vocabulary has 576 (ids 0 to 575)"),
         (["generate.py", "--ckpt", CKPT, "--device", "cuda"],
          "generate.py: error: --device cuda: no CUDA device here; use --device cpu"),
+        (["train.py", "--device", "cuda"], "train.py: error: --device cuda: no CUDA device here; use --device cpu"),
     ],
 )
 def test_scripts_exit_with_one_line(argv, message):
@@ -121,3 +123,26 @@ def test_several_completions_are_headed(capsys):
     generate.main([*common, "--prompt", "expert", "--prompt", "位置", "--num-samples", "2"])
     headings = re.findall(r"^──── (.*) ────$", capsys.readouterr().out, flags=re.M)
     assert headings == [f"prompt {p} of 2, sample {s} of 2" for s in (1, 2) for p in (1, 2)]
+
+
+def test_train_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert "(default: None)" not in help_text
+    lr_decay = re.search(r"--lr-decay-iters LR_DECAY_ITERS (.*?) --batch-size", help_text).group(1)
+    assert lr_decay.count("default") == 1 and "(default: --max-iters)" in lr_decay
+
+
+def test_train_device_under_torchrun(monkeypatch, capsys):
+    """Every process takes the GPU of its LOCAL_RANK; an index of one's own is refused, one line."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train.parse_args(["--device", "cuda"])[1].device == "cuda:1"
+    assert train.parse_args([])[1].device == "cuda:1"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda:0"])
+    assert one_line_error(capsys.readouterr().err).endswith("use --device cuda")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert train.parse_args(["--device", "cuda"])[1].device == "cuda:0"
