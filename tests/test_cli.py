@@ -6,12 +6,14 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 import train
 from conftest import FIXTURES, ROOT, load_script
+from test_docs import one_thread, python_blocks  # noqa: F401  (one_thread: a fixture)
 
 generate = load_script("generate.py")
 CKPT = str(FIXTURES / "orion-mini-rmsnorm")  # vocab_size 576, max_seq_len 256
@@ -146,3 +148,29 @@ def test_train_device_under_torchrun(monkeypatch, capsys):
     assert one_line_error(capsys.readouterr().err).endswith("use --device cuda")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert train.parse_args(["--device", "cuda"])[1].device == "cuda:0"
+
+
+def test_pyproject_gives_setuptools_nothing_to_warn_about():
+    setuptools = pytest.importorskip("setuptools", minversion="77")  # what the build asks for
+    from setuptools.config.pyprojecttoml import apply_configuration
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_configuration(setuptools.Distribution(), ROOT / "pyproject.toml")
+
+
+def test_makefile_and_readme_agree_on_the_torch_build():
+    makefile = (ROOT / "Makefile").read_text()
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    pin = re.search(r"^TORCH \?= (\S+)$", makefile, re.M).group(1)
+    assert f"The Makefile pins `{pin}`" in readme
+    for text in (re.sub(r"\s*\n#\s*", " ", makefile), readme):
+        assert "on Linux, PyPI's default is the CUDA build" in text and "CPU index" in text
+
+
+def test_readme_python_api_runs_from_any_folder(tmp_path, monkeypatch, one_thread):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    (_, source), *_ = python_blocks(section)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(source, "README.md: Python API", "exec"), {})
