@@ -5,8 +5,9 @@
 #   make bench     speed against transformers' MixtralForCausalLM on the same weights (CPU)
 #   make figures   redraw docs/figures/*.png
 #
-# TORCH picks the torch build: the default is the CPU wheel; e.g. `make TORCH=torch test`
-# installs your platform's default (CUDA on Linux).
+# TORCH is the torch requirement pip installs (default torch==2.13.0; e.g. `make TORCH='torch>=2.6' test`).
+# Which build that is depends on your platform and pip configuration: on Linux, PyPI's default is the
+# CUDA build; add PyTorch's CPU index to your pip configuration for the smaller CPU wheel.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0

@@ -8,10 +8,13 @@ CHECKPOINT_DIR is a nano_orion checkpoint or the released Hugging Face layout, w
 tokenizer.model. The sampling defaults are those of the official Orion-MoE base-model
 demo; --temperature 0 gives greedy decoding. The completion streams to stdout (after the
 prompt); prompt tokens, time to first token and decode speed go to stderr. Several
---prompt flags run as one left-padded batch and print when all are done.
+--prompt flags run as one left-padded batch and print when all are done. With several
+completions (prompts or --num-samples), each one follows a line of its own such as
+"──── prompt 2 of 3, sample 1 of 2 ────" and ends with one newline.
 """
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,28 +23,47 @@ import torch
 
 import nano_orion
 from nano_orion.checkpoint import DTYPES
+from nano_orion.device import resolve_device
 from nano_orion.quantize import quantize_model
 from nano_orion.sampler import ORION_DEMO, SamplingConfig, compile_decode_step
 from nano_orion.streaming import generate_text
 
+ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}  # what --stop's backslash escapes stand for
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """A usage error is one line on stderr (--help shows the usage), exit status 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def unescape(text: str) -> str:
+    r"""\n, \t and \\ -> a newline, a tab and a backslash; any other backslash stays as it is."""
+    return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), text)
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint folder (nano_orion or released layout, with tokenizer.model)")
     p.add_argument("--prompt", action="append", help="prompt text; repeat the flag to run several prompts as one batch")
     p.add_argument("--prompt-file", help="read the prompt from this file (the whole file is one prompt)")
     p.add_argument("--prompt-ids", help="the prompt as comma-separated token ids, e.g. 506,449,232 (for exact reproduction)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per prompt (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="most tokens to generate per prompt; the longest prompt plus these must fit in the model's "
+                        "max_seq_len (default 256)")
     demo = ORION_DEMO
     p.add_argument("--temperature", type=float, default=demo.temperature, help=f"softmax temperature; 0 = greedy (default {demo.temperature})")
     p.add_argument("--top-k", type=int, default=demo.top_k, help=f"sample among the k most likely tokens; 0 = all (default {demo.top_k})")
     p.add_argument("--top-p", type=float, default=demo.top_p, help=f"sample among the most likely tokens holding this much probability; 1 = all (default {demo.top_p})")
     p.add_argument("--repetition-penalty", type=float, default=demo.repetition_penalty, help=f"divide the logits of tokens already present by this; 1 = off (default {demo.repetition_penalty})")
     p.add_argument("--no-repeat-ngram-size", type=int, default=demo.no_repeat_ngram_size, help=f"never repeat an n-gram of this size; 0 = off (default {demo.no_repeat_ngram_size})")
-    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (not printed); repeatable")
+    p.add_argument("--stop", action="append", default=[],
+                   help=r"stop when this text appears (not printed); \n, \t and \\ in it mean a newline, a tab and a "
+                        r"backslash, so --stop '\n\n' stops at a blank line; repeatable")
     p.add_argument("--seed", type=int, default=1234, help="random seed: the same seed gives the same text (default 1234)")
     p.add_argument("--num-samples", type=int, default=1, help="how many completions per prompt, one after another (default 1)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda (the first GPU), cuda:N, or auto: cuda if a GPU is visible, else cpu (default auto)")
     p.add_argument("--dtype", choices=DTYPES, help="weights and activations; default bfloat16 on cuda, float32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (a CUDA graph on GPUs): "
                    "compiling takes a while at start (reported, and not counted in the decode speed), then every step is fast")
@@ -51,6 +73,13 @@ def parse_args(argv=None):
         p.error("give only one of --prompt, --prompt-file, --prompt-ids")
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
         p.error(f"--prompt-file {args.prompt_file}: no such file; give a text file holding the prompt")
+    if args.prompt_ids is not None:
+        if not re.fullmatch(r"[0-9]+(,[0-9]+)*", args.prompt_ids.replace(" ", "")):
+            p.error(f"--prompt-ids {args.prompt_ids}: give token ids as comma-separated integers, e.g. 506,449,232")
+        args.prompt_ids = [int(i) for i in args.prompt_ids.split(",")]
+    args.stop = [unescape(s) for s in args.stop]
+    if "" in args.stop:
+        p.error("--stop '': an empty stop text matches before the first token; give some text")
     ranges = [  # (flag, value, valid, the valid range in words)
         ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
         ("--num-samples", args.num_samples, args.num_samples >= 1, "at least 1"),
@@ -63,7 +92,11 @@ def parse_args(argv=None):
     for flag, value, valid, allowed in ranges:
         if not valid:
             p.error(f"{flag} {value:g}: must be {allowed}")
-    args.dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    try:
+        args.device = resolve_device(args.device)
+    except ValueError as e:
+        p.error(f"--device {e}")
+    args.dtype = DTYPES[args.dtype or ("bfloat16" if args.device.type == "cuda" else "float32")]
     return p, args
 
 
@@ -86,6 +119,51 @@ def load(p, args):
     return model, tokenizer
 
 
+def length_problem(ids: list[list[int]], max_new_tokens: int, max_seq_len: int) -> str | None:
+    """Why prompts of these token ids cannot get max_new_tokens new tokens each within the
+    model's max_seq_len (the batch is as long as its longest prompt), or None if they can."""
+    longest = max(len(i) for i in ids)
+    if longest + max_new_tokens <= max_seq_len:
+        return None
+    which = "the prompt" if len(ids) == 1 else "the longest prompt"
+    if longest >= max_seq_len:
+        return f"{which} has {longest} tokens, and the model's max_seq_len {max_seq_len} leaves no room for new ones; shorten it"
+    return (f"--max-new-tokens {max_new_tokens}: {which} takes {longest} of the model's {max_seq_len} positions "
+            f"(max_seq_len), so at most {max_seq_len - longest} new tokens fit")
+
+
+def command_line_prompts(p, args, tokenizer, config) -> tuple[list[str], list[list[int]]]:
+    """The prompts of --prompt, --prompt-file or --prompt-ids as (texts, token ids), or a
+    one-line error, before anything is printed, for a prompt that cannot run."""
+    if args.prompt_ids is not None:
+        if max(args.prompt_ids) >= config.vocab_size:
+            p.error(f"--prompt-ids: {max(args.prompt_ids)} is not a token id; the vocabulary has {config.vocab_size} "
+                    f"(ids 0 to {config.vocab_size - 1})")
+        texts, ids = [tokenizer.decode(args.prompt_ids)], [args.prompt_ids]
+    else:
+        if args.prompt_file is not None:
+            try:
+                texts = [Path(args.prompt_file).read_text(encoding="utf-8")]
+            except UnicodeDecodeError as e:
+                p.error(f"--prompt-file {args.prompt_file}: not UTF-8 text (byte {e.start}); save it as UTF-8")
+        else:
+            texts = args.prompt
+        ids = [tokenizer.encode(text) for text in texts]
+        if not all(ids):
+            flag = "--prompt-file" if args.prompt_file is not None else "--prompt"
+            p.error(f"{flag}: an empty prompt; give at least one token of text")
+    if problem := length_problem(ids, args.max_new_tokens, config.max_seq_len):
+        p.error(problem)
+    return texts, ids
+
+
+def heading(prompt: int, n_prompts: int, sample: int, n_samples: int) -> str:
+    """The line above one of several completions, e.g. "──── prompt 2 of 3, sample 1 of 2 ────"."""
+    parts = [f"prompt {prompt + 1} of {n_prompts}"] if n_prompts > 1 else []
+    parts += [f"sample {sample + 1} of {n_samples}"] if n_samples > 1 else []
+    return f"──── {', '.join(parts)} ────"
+
+
 def main(argv=None):
     p, args = parse_args(argv)
     model, tokenizer = load(p, args)
@@ -97,51 +175,51 @@ def main(argv=None):
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.no_repeat_ngram_size)
 
-    def run(prompts):
-        stream = len(prompts) == 1
+    def run(texts, ids):
+        """Complete the prompts (texts, as token ids); one streams, several print when all are done."""
+        stream, several = len(ids) == 1, len(ids) * args.num_samples > 1
         for sample in range(args.num_samples):
-            if sample:
-                print()
             if stream:
-                shown = prompts[0] if isinstance(prompts[0], str) else tokenizer.decode(prompts[0])
-                print(shown, end="", flush=True)
+                if several:
+                    print(heading(0, 1, sample, args.num_samples))
+                print(texts[0], end="", flush=True)
             result = generate_text(
-                model, tokenizer, prompts, args.max_new_tokens, sampling, stop=args.stop, device=args.device,
+                model, tokenizer, ids, args.max_new_tokens, sampling, stop=args.stop, device=args.device,
                 on_text=(lambda b, chunk: print(chunk, end="", flush=True)) if stream else None,
                 generator=generator, decode_step=decode_step,
             )
             if stream:
                 print(flush=True)
             else:
-                for prompt, text in zip(prompts, result.texts):
-                    print(prompt + text + "\n", flush=True)
-            decoded = sum(result.new_tokens) - len(prompts)  # the first tokens come from the prefill
-            rate = decoded / result.decode_time if decoded > 0 else float("nan")
+                for b, (text, completion) in enumerate(zip(texts, result.texts)):
+                    print(heading(b, len(texts), sample, args.num_samples))
+                    print(text + completion, flush=True)
+            decoded = sum(result.new_tokens) - len(ids)  # the first tokens come from the prefill
+            speed = f" at {decoded / result.decode_time:.1f} tok/s" if decoded > 0 else ""
             print(
                 f"[prompt tokens {sum(result.prompt_tokens)}, time to first token {result.time_to_first_token:.3f} s, "
-                f"decode {decoded} tokens at {rate:.1f} tok/s]",
+                f"decode {decoded} tokens{speed}]",
                 file=sys.stderr,
             )
 
     try:
-        if args.prompt_ids is not None:
-            run([[int(i) for i in args.prompt_ids.split(",")]])
-        elif args.prompt_file is not None:
-            run([Path(args.prompt_file).read_text()])
-        elif args.prompt is not None:
-            run(args.prompt)
+        if args.prompt is not None or args.prompt_file is not None or args.prompt_ids is not None:
+            run(*command_line_prompts(p, args, tokenizer, model.config))
         else:  # interactive
             while True:
                 try:
-                    prompt = input("prompt> ")
+                    text = input("prompt> ")
                 except EOFError:
                     break
-                if prompt.strip():
-                    run([prompt])
+                if not text.strip():
+                    continue
+                ids = [tokenizer.encode(text)]
+                if problem := length_problem(ids, args.max_new_tokens, model.config.max_seq_len):
+                    print(f"{p.prog}: {problem}", file=sys.stderr)
+                else:
+                    run([text], ids)
     except KeyboardInterrupt:
         print(file=sys.stderr)
-    except ValueError as e:
-        p.error(str(e))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ per line:
    "expert_load": [[share of routed slots per expert] per layer]}   (loss, aux_loss: the step's;
                                           expert_load: over the steps since the previous line)
   {"kind": "eval", "step", "val_loss"}
+  {"kind": "save", "step", "folder", "seconds"}   (a checkpoint of that step, written in that time)
 
 A checkpoint is first written complete into OUT_DIR/.saving/, marked COMPLETE, then its
 files are moved into OUT_DIR (a rename each, atomic). A kill before the mark leaves the
@@ -58,6 +59,7 @@ from nano_orion import Orion, OrionConfig, SamplingConfig, Tokenizer
 from nano_orion.checkpoint import is_checkpoint_file, read_nano
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
+from nano_orion.device import resolve_device
 from nano_orion.moe import expert_counts, load_balancing_loss
 
 # Dense bf16 peak of known GPUs (spec sheets, without sparsity), for the MFU estimate. A key
@@ -66,8 +68,21 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12
                   "4090": 165e12}
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """A usage error is one line on stderr (--help shows the usage), exit status 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help ends with its default, except where that is None: such a flag's help says it in words."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", default="toy",
                    help=f"model shape: a preset ({', '.join(sorted(PRESETS))}) or a JSON file of OrionConfig fields; "
                         "vocab_size is replaced by the tokenizer's (see --vocab-size)")
@@ -93,7 +108,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     p.add_argument("--log-interval", type=int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda (the first GPU; under torchrun, each process's LOCAL_RANK GPU), cuda:N, or auto: "
+                        "cuda if a GPU is visible, else cpu")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype (weights and optimizer stay float32); auto: bfloat16 on GPUs that support it")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
@@ -109,11 +126,16 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.config not in PRESETS and not Path(args.config).is_file():
         p.error(f"--config {args.config}: neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
-    if args.fsdp and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.fsdp and world == 1:
         p.error("--fsdp shards across processes, and this is one; start it with torchrun --nproc_per_node N, "
                 "or leave out --fsdp")
     if args.warmup_iters < 0:
         p.error(f"--warmup-iters must be at least 0, got {args.warmup_iters}")
+    try:  # "cpu" or "cuda:N" from here on: with several processes, N is the process's LOCAL_RANK
+        args.device = str(resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else None))
+    except ValueError as e:
+        p.error(f"--device {e}")
     return p, args
 
 
@@ -161,12 +183,7 @@ def losses(model, raw_model, x, y):
 def setup_device(args):
     """-> (device, autocast dtype or None, rank, world_size); joins the torchrun group if there is one."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device(args.device)  # resolved by parse_args: cpu, or cuda with this process's index
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
@@ -408,8 +425,12 @@ def main(argv=None):
             say("  sample: " + sample_text(raw_model, tokenizer, prompt_ids, device).replace("\n", "\n  "))
         say("  expert load (% of routed slots), layer by layer:\n" + "\n".join(
             f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)))
+        t_save = time.perf_counter()
         save_checkpoint(out_dir, raw_model, optimizer, config, tokenizer_file,
                         {"step": step, "tokens": tokens, "args": vars(args)}, rank)
+        seconds = time.perf_counter() - t_save
+        log({"kind": "save", "step": step, "folder": str(out_dir), "seconds": seconds})
+        say(f"step {step}: saved the checkpoint to {out_dir} in {seconds:.1f} s")
 
     bar = tqdm(total=args.max_iters, initial=step, disable=not master, dynamic_ncols=True, desc="train")
     counts = torch.zeros(config.n_layers, config.n_experts, device=device)  # routed slots since the last log line

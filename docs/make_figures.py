@@ -14,6 +14,7 @@ train.py's log.jsonl holds one JSON object per line:
   {"kind": "train", "step", "tokens", "loss", "aux_loss", "lr", "tokens_per_s", "mfu",
    "expert_load": [[float per expert] per layer]}
   {"kind": "eval", "step", "val_loss"}
+  {"kind": "save", "step", "folder", "seconds"}   (checkpoint saves: nothing to draw)
 
 matplotlib is the optional `docs` extra: pip install -e ".[docs]". The functions that read
 data need only torch; those that draw import matplotlib when called.
@@ -64,8 +65,10 @@ def read_train_log(path) -> tuple[list[dict], list[dict]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg}); expected one JSON object per line") from None
         kind = record.get("kind")
+        if kind == "save":
+            continue
         if kind not in ("train", "eval"):
-            raise ValueError(f"{path}:{n}: kind must be 'train' or 'eval', got {kind!r}")
+            raise ValueError(f"{path}:{n}: kind must be 'train', 'eval' or 'save', got {kind!r}")
         missing = sorted((TRAIN_KEYS if kind == "train" else EVAL_KEYS) - set(record))
         if missing:
             raise ValueError(f"{path}:{n}: {kind} record lacks {missing}")

@@ -76,11 +76,13 @@ def copy_fixture_files(folder, *names, fixture="orion-mini-rmsnorm"):
 
 
 def cli_error(capsys, *argv) -> str:
-    """The one-line error generate.py exits with (status 2, after argparse's usage line)."""
+    """The one-line error generate.py exits with (status 2); --help has the usage."""
     with pytest.raises(SystemExit) as exit:
         run_cli(capsys, *argv)
     assert exit.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err.strip()
 
 
 @pytest.mark.parametrize("files, message", [(None, "no such folder"), ((), "no config.json"), (("config.json",), "no tokenizer.model")])

@@ -29,6 +29,7 @@ def test_read_train_log_splits_sorts_and_normalises(tmp_path):
     log = write_log(tmp_path / "log.jsonl", [
         train_record(20, [[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]]),
         {"kind": "eval", "step": 10, "val_loss": 7.5},
+        {"kind": "save", "step": 10, "folder": "out", "seconds": 0.5},  # skipped
         train_record(10, [[6, 2, 0, 0], [1, 1, 1, 1]]),
     ])
     train, evals = make_figures.read_train_log(log)

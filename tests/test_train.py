@@ -92,15 +92,20 @@ def test_aux_loss_reaches_the_router_only():
     assert aux.item() == pytest.approx(sum(load_balancing_loss(p, e).item() for p, e in routers) / 2)
 
 
-def test_tiny_model_overfits_tiny_corpus_and_logs(tmp_path, corpus):
+def test_tiny_model_overfits_tiny_corpus_and_logs(tmp_path, corpus, capsys):
     out = tmp_path / "out"
     train.main(tiny_run(tmp_path, corpus, out, "--max-iters", "120", "--eval-interval", "60", "--lr", "1e-2",
                         "--warmup-iters", "10"))
     log = read_log(out)
     steps = [r for r in log if r["kind"] == "train"]
     evals = [r for r in log if r["kind"] == "eval"]
+    saves = [r for r in log if r["kind"] == "save"]
     assert [r["step"] for r in steps] == list(range(1, 121))
     assert [r["step"] for r in evals] == [60, 120]
+    assert [(r["step"], r["folder"]) for r in saves] == [(60, str(out)), (120, str(out))]
+    said = capsys.readouterr().out  # tqdm.write's lines, above the bar
+    for r in saves:
+        assert r["seconds"] > 0 and f"step {r['step']}: saved the checkpoint to {out} in {r['seconds']:.1f} s" in said
     assert steps[0]["loss"] > 5.0  # starts near ln(vocab) ~ ln(320) = 5.8
     assert steps[-1]["loss"] < 1.0 and evals[-1]["val_loss"] < 1.0  # memorised (val is more of the same text)
     assert steps[-1]["tokens"] == 120 * 8 * 32
@@ -124,10 +129,10 @@ def test_resume_continues_exactly(tmp_path, corpus):
     model = train.main(tiny_run(tmp_path, corpus, split, *common[2:], "--max-iters", "6", "--lr-decay-iters", "6",
                                 "--resume"))
 
-    def without_timing(log):
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in log]
+    def without_timing(log):  # nor the folder, which differs
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "seconds", "folder")} for r in log]
 
-    assert len(read_log(whole)) == 6 + 2
+    assert len(read_log(whole)) == 6 + 2 + 2  # train, eval and save lines
     assert without_timing(read_log(split)) == without_timing(read_log(whole))  # losses, aux, load, lr: bit for bit
     reference, _ = nano_orion.load(whole)
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):

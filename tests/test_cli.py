@@ -1,0 +1,176 @@
+"""What a newcomer types gets a result or a one-line error, and the numbers printed are true
+(issue 13). A few cases run the scripts as real processes, to see the whole stderr; the rest
+call main(argv) in the test process, which costs no second torch import."""
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import train
+from conftest import FIXTURES, ROOT, load_script
+from test_docs import one_thread, python_blocks  # noqa: F401  (one_thread: a fixture)
+
+generate = load_script("generate.py")
+CKPT = str(FIXTURES / "orion-mini-rmsnorm")  # vocab_size 576, max_seq_len 256
+
+
+def one_line_error(stderr: str) -> str:
+    """The single line of a usage error, checked to be one line and no traceback."""
+    assert "Traceback" not in stderr and stderr.count("\n") == 1, stderr
+    return stderr.strip()
+
+
+def run_script(*argv) -> tuple[int, str, str]:
+    """python SCRIPT ARGS in a fresh process without a GPU: (exit status, stdout, stderr)."""
+    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate.py", "--ckpt", CKPT, "--prompt-ids", "1,2,99999"],  # refused after loading the checkpoint
+         "generate.py: error: --prompt-ids: 99999 is not a token id; the vocabulary has 576 (ids 0 to 575)"),
+        (["generate.py", "--ckpt", CKPT, "--device", "cuda"],
+         "generate.py: error: --device cuda: no CUDA device here; use --device cpu"),
+        (["train.py", "--device", "cuda"], "train.py: error: --device cuda: no CUDA device here; use --device cpu"),
+    ],
+)
+def test_scripts_exit_with_one_line(argv, message):
+    status, out, err = run_script(*argv)
+    assert status == 2 and out == "" and one_line_error(err) == message
+
+
+def generate_error(capsys, *argv) -> str:
+    """generate.py's one-line usage error (exit status 2), with nothing on stdout."""
+    with pytest.raises(SystemExit) as exit:
+        generate.main(["--ckpt", CKPT, *argv])
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and out == ""
+    return one_line_error(err)
+
+
+@pytest.mark.parametrize("ids", ["a,b", "1,,2", "-1", "1.5", ""])
+def test_prompt_ids_not_integers(capsys, ids):
+    assert generate_error(capsys, "--prompt-ids", ids).endswith(
+        f"--prompt-ids {ids}: give token ids as comma-separated integers, e.g. 506,449,232")
+
+
+def test_prompt_ids_beyond_the_vocabulary(capsys):
+    assert "the vocabulary has 576 (ids 0 to 575)" in generate_error(capsys, "--prompt-ids", "5,576")
+
+
+def test_prompts_that_cannot_run(capsys, tmp_path):
+    assert generate_error(capsys, "--prompt", "").endswith("--prompt: an empty prompt; give at least one token of text")
+    latin1 = tmp_path / "prompt.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    assert generate_error(capsys, "--prompt-file", str(latin1)).endswith(
+        f"--prompt-file {latin1}: not UTF-8 text (byte 3); save it as UTF-8")
+
+
+def test_cuda_without_a_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert generate_error(capsys, "--device", "cuda").endswith("--device cuda: no CUDA device here; use --device cpu")
+
+
+def test_auto_device_and_dtype_follow_the_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    _, args = generate.parse_args(["--ckpt", CKPT])
+    assert args.device == torch.device("cuda", 0) and args.dtype == torch.bfloat16  # what Generator(device=) gets
+    _, args = generate.parse_args(["--ckpt", CKPT, "--device", "cpu"])
+    assert args.device == torch.device("cpu") and args.dtype == torch.float32
+
+
+def test_max_new_tokens_checked_before_printing(capsys):
+    """The longest prompt (here 4 tokens) plus --max-new-tokens must fit in max_seq_len 256."""
+    prompts = ["--prompt", "expert", "--prompt", "位置 x"]
+    assert generate_error(capsys, *prompts, "--max-new-tokens", "100000").endswith(
+        "--max-new-tokens 100000: the longest prompt takes 4 of the model's 256 positions (max_seq_len), "
+        "so at most 252 new tokens fit")
+    assert "at most 252 new tokens fit" in generate_error(capsys, *prompts, "--max-new-tokens", "253")
+    generate.main(["--ckpt", CKPT, *prompts, "--max-new-tokens", "252", "--temperature", "0"])  # the most that fits
+    assert capsys.readouterr().out.count("────") == 4  # two headed completions
+
+
+def test_stop_escapes_and_the_empty_stop(capsys):
+    assert generate.unescape(r"\n\n") == "\n\n" and generate.unescape(r"a\tb\\n\q") == "a\tb\\n\\q"
+    _, args = generate.parse_args(["--ckpt", CKPT, "--stop", r"\n\n", "--stop", "end"])
+    assert args.stop == ["\n\n", "end"]
+    assert generate_error(capsys, "--stop", "").endswith("--stop '': an empty stop text matches before the first token; give some text")
+    with pytest.raises(SystemExit):
+        generate.main(["--help"])
+    assert r"--stop '\n\n' stops at a blank line" in re.sub(r"\s+", " ", capsys.readouterr().out)
+
+
+def test_no_rate_for_zero_decoded_tokens(capsys):
+    generate.main(["--ckpt", CKPT, "--prompt", "expert", "--max-new-tokens", "1"])  # the one token comes from the prefill
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("decode 0 tokens]") and "nan" not in err
+
+
+def test_several_completions_are_headed(capsys):
+    """Each of several completions follows a heading line and ends with one newline; one alone is printed bare."""
+    common = ["--ckpt", CKPT, "--max-new-tokens", "12", "--seed", "0"]
+    generate.main([*common, "--prompt", "expert", "--num-samples", "2"])
+    out = capsys.readouterr().out
+    parts = re.split(r"^──── (.*) ────\n", out, flags=re.M)
+    assert parts[0] == "" and parts[1::2] == ["sample 1 of 2", "sample 2 of 2"]
+    assert all(p.startswith("expert") and p.endswith("\n") for p in parts[2::2])
+    generate.main([*common, "--prompt", "expert", "--prompt", "位置", "--num-samples", "2"])
+    headings = re.findall(r"^──── (.*) ────$", capsys.readouterr().out, flags=re.M)
+    assert headings == [f"prompt {p} of 2, sample {s} of 2" for s in (1, 2) for p in (1, 2)]
+
+
+def test_train_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert "(default: None)" not in help_text
+    lr_decay = re.search(r"--lr-decay-iters LR_DECAY_ITERS (.*?) --batch-size", help_text).group(1)
+    assert lr_decay.count("default") == 1 and "(default: --max-iters)" in lr_decay
+
+
+def test_train_device_under_torchrun(monkeypatch, capsys):
+    """Every process takes the GPU of its LOCAL_RANK; an index of one's own is refused, one line."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert train.parse_args(["--device", "cuda"])[1].device == "cuda:1"
+    assert train.parse_args([])[1].device == "cuda:1"
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda:0"])
+    assert one_line_error(capsys.readouterr().err).endswith("use --device cuda")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert train.parse_args(["--device", "cuda"])[1].device == "cuda:0"
+
+
+def test_pyproject_gives_setuptools_nothing_to_warn_about():
+    setuptools = pytest.importorskip("setuptools", minversion="77")  # what the build asks for
+    from setuptools.config.pyprojecttoml import apply_configuration
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_configuration(setuptools.Distribution(), ROOT / "pyproject.toml")
+
+
+def test_makefile_and_readme_agree_on_the_torch_build():
+    makefile = (ROOT / "Makefile").read_text()
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    pin = re.search(r"^TORCH \?= (\S+)$", makefile, re.M).group(1)
+    assert f"The Makefile pins `{pin}`" in readme
+    for text in (re.sub(r"\s*\n#\s*", " ", makefile), readme):
+        assert "on Linux, PyPI's default is the CUDA build" in text and "CPU index" in text
+
+
+def test_readme_python_api_runs_from_any_folder(tmp_path, monkeypatch, one_thread):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    (_, source), *_ = python_blocks(section)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(source, "README.md: Python API", "exec"), {})
