@@ -1,0 +1,247 @@
+"""Orion-MoE8x7B on one GPU: batch-1 decoding against the card's memory bandwidth, and against transformers.
+
+Random weights of the real shape (RMSNorm, so that transformers' MixtralForCausalLM runs
+the same model) are built straight on the GPU, one layer at a time: the host never holds
+the model. Greedy decoding through generate.py's own path (sampler.generate_tokens, with
+compile_decode_step's CUDA graph for the compiled rows). One table:
+
+  * int8, every layer: decode tok/s eager and compiled, the share of the bandwidth
+    ceiling (the card's measured GEMV bandwidth / bytes read per token), time to first
+    token of a 512-token prompt, decode speed after a 4k- and an 8k-token prompt (the model
+    card's long-input case), compile time, and whether compiled greedy tokens equal eager;
+  * bf16 at every layer where it fits (e.g. one H200), else only the rows below;
+  * bf16 at a depth that fits beside a transformers copy of the same weights: nano_orion
+    eager and compiled against transformers eager.
+
+    make bench-gpu PY=python3          # or: python3 -m benchmarks.bench_gpu [--hf-layers 8] [--new-tokens 128]
+    python3 -m benchmarks.bench_gpu --device cpu --config toy --layers 2 --long 64 --prompt-tokens 16   # a smoke run
+"""
+
+import argparse
+import gc
+import time
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from nano_orion import Orion, OrionConfig
+from nano_orion.config import PRESETS
+from nano_orion.hf_mixtral import to_mixtral
+from nano_orion.model import Block, make_norm
+from nano_orion.quantize import Int8Linear, Int8MoE
+from nano_orion.sampler import compile_decode_step, generate
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--device", default="cuda", help="the GPU (default cuda); cpu for a smoke run of this script")
+    p.add_argument("--config", default="orion-moe-8x7b", choices=sorted(PRESETS), help="model shape (default: the real one)")
+    p.add_argument("--layers", type=int, default=None, help="layers of the int8 and full-depth bf16 models (default: the config's)")
+    p.add_argument("--hf-layers", type=int, default=8, help="layers of the bf16 model raced against transformers (default 8)")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for time to first token and decoding (default 512)")
+    p.add_argument("--long", type=int, nargs="*", default=[4096, 8192], help="longer prompts to decode after (default 4096 8192)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode measurement (default 128)")
+    p.add_argument("--no-compile", action="store_true", help="eager rows only")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    config = PRESETS[args.config]
+    config = replace(config, norm_type="rmsnorm", n_layers=args.layers or config.n_layers)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    bandwidth = gemv_bandwidth(device)
+    print(f"device: {name}; torch {torch.__version__}; bf16 GEMV reads {bandwidth / 1e12:.2f} TB/s (measured)")
+    print(f"model: {args.config}, {config.n_layers} layers, batch 1, greedy; decode = (N - 2) / (time of N tokens - time of 2), "
+          f"N = {args.new_tokens}, so that neither the prefill nor the first step (which records a CUDA graph) counts")
+    rows = [bench(config, True, args, bandwidth)]
+    if fits(config, torch.bfloat16, device):
+        rows.append(bench(config, False, args, bandwidth))
+    else:
+        print(f"\nbf16 with {config.n_layers} layers needs {gb(weight_bytes(config, torch.bfloat16))} GB: more than this device has")
+    rows.append(bench(replace(config, n_layers=args.hf_layers), False, args, bandwidth, with_transformers=True))
+    print_table(rows)
+
+
+def bench(config: OrionConfig, quantize: bool, args, bandwidth: float, with_transformers: bool = False) -> dict:
+    """Build a model, measure it, and let its memory go before the next."""
+    model = build_random(config, torch.device(args.device), torch.bfloat16, quantize)
+    row = measure(f"{'int8' if quantize else 'bf16'}, {config.n_layers} layers", model, args, bandwidth, with_transformers)
+    del model
+    release_memory()
+    return row
+
+
+# ---- a model of random weights, built on the device one layer at a time --------------------
+
+
+@torch.no_grad()
+def build_random(config: OrionConfig, device, dtype, quantize: bool) -> Orion:
+    """Orion of random N(0, 0.02) weights (norms 1) in `dtype` on `device`, int8 if `quantize`;
+    each layer is drawn on the device and (if asked) quantized before the next is made."""
+    with torch.device("meta"):
+        model = Orion(config)
+    model.embed = random_(nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype))
+    for i in range(config.n_layers):
+        with torch.device(device):
+            block = random_(Block(config)).to(dtype)
+        if quantize:
+            for name in ("wq", "wk", "wv", "wo"):
+                setattr(block.attn, name, Int8Linear(getattr(block.attn, name)))
+            block.moe = Int8MoE(block.moe)
+        model.layers[i] = block
+    model.norm = make_norm(config).to(device, dtype)
+    model.lm_head = random_(nn.Linear(config.dim, config.vocab_size, bias=False, device=device, dtype=dtype))
+    if quantize:
+        model.lm_head = Int8Linear(model.lm_head)
+    model.init_rope(device)
+    return model.eval()
+
+
+def random_(module: nn.Module) -> nn.Module:
+    for name, p in module.named_parameters():
+        if "norm" in name:
+            nn.init.ones_(p)
+        else:
+            nn.init.normal_(p, std=0.02)
+    return module
+
+
+def weight_bytes(config: OrionConfig, dtype) -> int:
+    return config.n_params() * dtype.itemsize
+
+
+def fits(config: OrionConfig, dtype, device) -> bool:
+    if device.type != "cuda":
+        return True
+    return weight_bytes(config, dtype) < 0.9 * torch.cuda.mem_get_info(device)[0]
+
+
+def release_memory() -> None:
+    """Free what dropped models held: compiled graphs keep references to them too."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def bytes_per_token(model: Orion) -> int:
+    """Bytes of weights one decoding step reads: all but the embedding table (one row of it
+    is read) and, of the stacked experts, top_k of n_experts."""
+    c = model.config
+    total = 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith(("embed", "rope")):
+            continue
+        share = c.top_k / c.n_experts if name.split(".")[-1] in ("w1", "w2", "w3", "scale_w1", "scale_w2", "scale_w3") else 1
+        total += int(t.numel() * t.element_size() * share)
+    return total
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f}"
+
+
+# ---- measurements ----------------------------------------------------------------------------
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int = 2) -> float:
+    """Best wall time of fn() over a few runs (the first run may warm caches)."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def gemv_bandwidth(device) -> float:
+    """Bytes per second a bf16 matrix-vector product reads: one Orion expert's w1 (14592 x 4096)
+    times a vector, as decoding does (on the CPU, a smaller matrix)."""
+    shape = (14592, 4096) if device.type == "cuda" else (2048, 1024)
+    w = torch.randn(*shape, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, shape[1], device=device, dtype=torch.bfloat16)
+    torch.nn.functional.linear(x, w)
+    t = timed(lambda: [torch.nn.functional.linear(x, w) for _ in range(20)], device, repeats=3) / 20
+    return w.numel() * w.element_size() / t
+
+
+def decode_rate(model, prompt, n: int, decode_step=None) -> float:
+    """Tokens per second of decoding alone: (n - 2) / (time of n tokens - time of 2). Both
+    include the prefill, and the first decoding step, where a compiled step records a CUDA
+    graph for the generation's new KV cache."""
+    device = prompt.device
+    t_n = timed(lambda: generate(model, prompt, n, decode_step=decode_step), device)
+    t_2 = timed(lambda: generate(model, prompt, 2, decode_step=decode_step), device)
+    return (n - 2) / (t_n - t_2)
+
+
+def measure(label: str, model: Orion, args, bandwidth: float, with_transformers: bool = False) -> dict:
+    device, c, n = model.embed.weight.device, model.config, args.new_tokens
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, c.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
+    row = {"label": label, "GB/token": bytes_per_token(model) / 1e9}
+    row["ceiling"] = bandwidth / bytes_per_token(model)
+    print(f"\n{label}: {gb(sum(t.numel() * t.element_size() for t in model.state_dict().values()))} GB of weights, "
+          f"{row['GB/token']:.2f} GB read per token: ceiling {row['ceiling']:.0f} tok/s")
+    row["eager"] = decode_rate(model, prompt, n)
+    print(f"  eager decode {row['eager']:.1f} tok/s")
+    row["ttft"] = timed(lambda: generate(model, prompt, 1), device)
+    if not args.no_compile:
+        t0 = time.perf_counter()
+        step = compile_decode_step(model)
+        row["compile s"] = time.perf_counter() - t0
+        row["compiled"] = decode_rate(model, prompt, n, step)
+        eager_ids = generate(model, prompt[:, :32], 32)
+        row["same tokens"] = torch.equal(generate(model, prompt[:, :32], 32, decode_step=step), eager_ids)
+        print(f"  compiled decode {row['compiled']:.1f} tok/s (compiling took {row['compile s']:.0f} s); "
+              f"compiled greedy tokens equal eager: {row['same tokens']}")
+        for length in args.long:
+            if length + n <= c.max_seq_len:
+                long_prompt = torch.randint(3, c.vocab_size, (1, length), generator=g).to(device)
+                row[f"after {length}"] = decode_rate(model, long_prompt, n, step)
+                print(f"  compiled decode after a {length}-token prompt: {row[f'after {length}']:.1f} tok/s")
+        del step
+        release_memory()
+    if with_transformers:
+        hf = to_mixtral(model, attn_implementation="sdpa")
+        hf.generation_config.eos_token_id = None
+
+        @torch.inference_mode()
+        def hf_generate(k):
+            return hf.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, attention_mask=torch.ones_like(prompt))
+
+        hf_generate(2)
+        t_n, t_2 = timed(lambda: hf_generate(n), device), timed(lambda: hf_generate(2), device)
+        row["transformers"] = (n - 2) / (t_n - t_2)
+        print(f"  transformers eager decode {row['transformers']:.1f} tok/s")
+        del hf
+        release_memory()
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = [("GB/token", "GB read/token", "{:.2f}"), ("ceiling", "ceiling tok/s", "{:.0f}"), ("eager", "eager tok/s", "{:.1f}"),
+               ("compiled", "compiled tok/s", "{:.1f}"), ("share", "% of ceiling", "{:.0%}"), ("ttft", "TTFT 512 (s)", "{:.3f}"),
+               ("after 4096", "tok/s after 4k", "{:.1f}"), ("after 8192", "tok/s after 8k", "{:.1f}"),
+               ("compile s", "compile (s)", "{:.0f}"), ("same tokens", "compiled = eager", "{}"),
+               ("transformers", "transformers eager tok/s", "{:.1f}"), ("speed-up", "compiled / transformers", "{:.2f}x")]
+    for row in rows:
+        if "compiled" in row:
+            row["share"] = row["compiled"] / row["ceiling"]
+            if "transformers" in row:
+                row["speed-up"] = row["compiled"] / row["transformers"]
+    print("\n| model | " + " | ".join(title for _, title, _ in columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+    for row in rows:
+        print(f"| {row['label']} | " + " | ".join(fmt.format(row[k]) if k in row else "" for k, _, fmt in columns) + " |")
+
+
+if __name__ == "__main__":
+    main()
