@@ -225,14 +225,14 @@ def check_outputs(page: Path, blocks: list[Block], printed: list[str]) -> list[s
     return problems
 
 
-def with_outputs(text: str, blocks: list[Block], printed: list[str]) -> str:
-    """The page with each block's output block written, kept, or removed."""
+def with_outputs(text: str, blocks: list[Block], printed: list[str], keep_matching: bool = True) -> str:
+    """The page with each block's output block written, kept (if it matches and keep_matching), or removed."""
     pieces, pos = [], 0
     for block, out in zip(blocks, printed):
         if block.output is not None:
             start, end = block.output_span
             pieces.append(text[pos:block.end])
-            keep = out and outputs_match(block.output, out)[0]
+            keep = out and keep_matching and outputs_match(block.output, out)[0]
             if keep:
                 pieces.append(text[block.end:end])
             elif out:
@@ -332,6 +332,9 @@ def main(argv=None):
     parser.add_argument("pages", nargs="*", type=Path, help="pages to refresh (default: docs/*.md and README.md)")
     parser.add_argument("--check", action="store_true", help="only report what is stale; exit 1 if anything is")
     parser.add_argument("--no-run", action="store_true", help="refresh the line anchors only (fast)")
+    parser.add_argument("--rewrite", action="store_true",
+                        help="write every output as printed now, also those that still match (after changing how a "
+                        "snippet formats its numbers); wildcards (...) other than temporary paths are lost")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))  # the snippets import nano_orion and train.py from the checkout
     stale = False
@@ -343,7 +346,7 @@ def main(argv=None):
             blocks = parse(new)
             printed = run_blocks(page, blocks)
             problems += check_outputs(page, blocks, printed)
-            new = with_outputs(new, blocks, printed)
+            new = with_outputs(new, blocks, printed, keep_matching=not args.rewrite)
         for p in problems:
             print(p.splitlines()[0])
         stale |= bool(problems)
