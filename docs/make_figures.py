@@ -480,7 +480,7 @@ def plot_router(out: Path, checkpoint: Path, layers=None):
                 ax.text((first + last) / 2, -1.1, printable(ch, charmap), ha="center", va="bottom", fontsize=6, clip_on=False)
             ax.set_ylim(probs.shape[1] - 0.5, -0.5)
             ax.set_title(f"{lang}: {SENTENCES[lang]!r} in layer {layer}" if all(ord(c) in charmap for c in SENTENCES[lang])
-                         else f"{lang}, layer {layer}", loc="left", pad=16)
+                         else f"{lang}, layer {layer}", loc="left", pad=24)
     axes[0, -1].legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize=7, framealpha=0.9)
     fig.colorbar(im, ax=axes, fraction=0.02, label=f"router probability (scale 0 to {vmax:g}; 1/8 = 0.125 is no preference)")
     fig.suptitle(f"Routing in {checkpoint.name} ({n_layers} layers, {model.config.n_experts} experts, top-{model.config.top_k})")
