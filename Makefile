@@ -3,7 +3,9 @@
 #   make demo      train the toy model on the CPU from scratch (a few minutes), then generate from it
 #   make test      run the test suite
 #   make bench     speed against transformers' MixtralForCausalLM on the same weights (CPU)
-#   make figures   redraw docs/figures/*.png
+#   make figures   redraw docs/figures/*.png (after make demo and make collapse-demo)
+#   make collapse-demo   the demo's run again without the load-balancing loss (docs/05_moe.md)
+#   make docs-refresh    rewrite the docs' shown outputs and code-link line numbers from the code
 #
 # TORCH is the torch requirement pip installs (default torch==2.13.0; e.g. `make TORCH='torch>=2.6' test`).
 # Which build that is depends on your platform and pip configuration: on Linux, PyPI's default is the
@@ -13,7 +15,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo bench figures convert-memory clean
+.PHONY: install test demo collapse-demo bench figures docs-refresh convert-memory clean
 
 install: $(VENV)/.installed
 
@@ -37,11 +39,20 @@ test: install
 DEMO_OUT ?= out/demo
 DEMO_THREADS ?= 1
 DEMO_ENV = OMP_NUM_THREADS=$(DEMO_THREADS) MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
+DEMO_TRAIN_ARGS = --max-iters 300 --batch-size 16 --block-size 128 --lr 3e-3 --warmup-iters 30 --eval-interval 100 --device cpu
 demo: install
-	$(DEMO_ENV) $(PY) train.py --config toy --out-dir $(DEMO_OUT) --max-iters 300 \
-		--batch-size 16 --block-size 128 --lr 3e-3 --warmup-iters 30 --eval-interval 100 --device cpu
+	$(DEMO_ENV) $(PY) train.py --config toy --out-dir $(DEMO_OUT) $(DEMO_TRAIN_ARGS)
 	$(DEMO_ENV) $(PY) generate.py --ckpt $(DEMO_OUT) \
 		--prompt "$$(printf 'class Parser:\n    def __init__(self')" --max-new-tokens 200 --seed 0
+
+# collapse-demo: the same run (same seed, data and steps) with router_aux_loss_coef = 0, i.e. no
+# load-balancing loss, into COLLAPSE_OUT; make figures draws its expert load beside the demo's.
+COLLAPSE_OUT ?= out/collapse
+collapse-demo: install
+	mkdir -p $(dir $(COLLAPSE_OUT))
+	$(PY) -c "import json; from nano_orion import OrionConfig; \
+		print(json.dumps(OrionConfig.preset('toy', router_aux_loss_coef=0.0).to_dict()))" > $(COLLAPSE_OUT).json
+	$(DEMO_ENV) $(PY) train.py --config $(COLLAPSE_OUT).json --out-dir $(COLLAPSE_OUT) $(DEMO_TRAIN_ARGS)
 
 # ---- speed: generation, then training, each against transformers in one run ----
 # GEN_BENCH_ARGS: e.g. "--threads 1 --compile" adds a torch.compile'd decode step (a minute or two more).
@@ -52,12 +63,24 @@ bench: install
 	$(PY) -m benchmarks.bench_train $(TRAIN_BENCH_ARGS)
 
 # ---- figures: CHECKPOINT's router is drawn; TRAIN_LOG (train.py's OUT_DIR/log.jsonl) gives
-# the loss and expert-load figures, skipped when empty. Installs the `docs` extra (matplotlib).
+# the loss and expert-load figures, skipped when empty; COLLAPSE_LOG (make collapse-demo's log),
+# when it exists, is drawn beside TRAIN_LOG in collapse.png. Installs the `docs` extra (matplotlib).
 CHECKPOINT ?= $(DEMO_OUT)
 TRAIN_LOG ?= $(DEMO_OUT)/log.jsonl
+COLLAPSE_LOG ?= $(COLLAPSE_OUT)/log.jsonl
 figures: install
 	$(PY) -m pip install -q -e ".[docs]"
-	$(PY) docs/make_figures.py --checkpoint $(CHECKPOINT) $(if $(TRAIN_LOG),--train-log $(TRAIN_LOG))
+	$(PY) docs/make_figures.py --checkpoint $(CHECKPOINT) $(if $(TRAIN_LOG),--train-log $(TRAIN_LOG)) \
+		$(if $(and $(TRAIN_LOG),$(wildcard $(COLLAPSE_LOG))),--collapse-log $(COLLAPSE_LOG))
+
+# ---- docs-refresh: after a code change, rewrite the docs' shown outputs (```text output blocks)
+# and the #L<n> line anchors of their code links from the code, then review `git diff docs README.md`.
+# tests/test_docs.py fails, naming this target, when either is stale. DOCS_PAGES: pages to refresh
+# (default: all); `make docs-refresh DOCS_REFRESH_ARGS=--no-run` fixes only the anchors.
+DOCS_PAGES ?=
+DOCS_REFRESH_ARGS ?=
+docs-refresh: install
+	$(PY) scripts/refresh_docs.py $(DOCS_REFRESH_ARGS) $(DOCS_PAGES)
 
 # ---- convert.py: peak RSS on a synthetic 5 GB checkpoint (needs ~10 GB free in $TMPDIR or /tmp; deletes it after)
 convert-memory: install

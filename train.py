@@ -5,35 +5,10 @@
     torchrun --nproc_per_node 4 train.py --config toy --batch-size 32     # DDP, one process per GPU
     python train.py --resume                         # continue exactly where --out-dir left off
 
-The recipe:
-  * AdamW, betas (0.9, 0.95), weight decay 0.1 on the 2-D and 3-D weights (matrices, the
-    embedding, the stacked experts (n_experts, ffn_dim, dim)); norms are not decayed;
-  * learning rate: linear warm-up, then cosine decay to 10% of the peak;
-  * gradients clipped to norm 1.0, accumulated over --grad-accum micro-batches;
-  * loss = cross-entropy + router_aux_loss_coef x the load-balancing loss averaged over
-    layers (nano_orion.moe.load_balancing_loss), which keeps the router from collapsing;
-  * bf16 autocast on GPUs that support it, float32 otherwise.
-
-One step sees grad_accum x world_size x batch_size sequences of block_size tokens. Each
-process (rank) draws its micro-batches from the step's global batch (data.get_batch), so
-the data order is a function of (seed, step) and a resumed run continues exactly.
-
-OUT_DIR is a nano_orion checkpoint (config.json, model.safetensors, tokenizer.model,
-tokenizer_config.json) that nano_orion.load() and generate.py read directly, plus
-train_state.pt (optimizer, step, RNG states) for --resume and log.jsonl, one JSON object
-per line:
-
-  {"kind": "train", "step", "tokens", "loss", "aux_loss", "lr", "tokens_per_s", "mfu",
-   "expert_load": [[share of routed slots per expert] per layer]}   (loss, aux_loss: the step's;
-                                          expert_load: over the steps since the previous line)
-  {"kind": "eval", "step", "val_loss"}
-  {"kind": "save", "step", "folder", "seconds"}   (a checkpoint of that step, written in that time)
-
-A checkpoint is first written complete into OUT_DIR/.saving/, marked COMPLETE, then its
-files are moved into OUT_DIR (a rename each, atomic). A kill before the mark leaves the
-previous checkpoint untouched and the partial .saving/ is discarded; a kill during the
-moves (a few renames) is rolled forward by the next train.py started on OUT_DIR, so a
-resumed run never sees weights of one step with the optimizer state of another.
+The recipe (optimizer, learning-rate schedule, losses, precision), the data preparation, the
+format of OUT_DIR/log.jsonl, and how checkpoints are saved atomically and resumed are described
+once, in docs/08_training.md ("The real thing: train.py"); `python train.py --help` lists every
+flag with its default.
 """
 
 import argparse

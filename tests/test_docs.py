@@ -4,80 +4,153 @@
   in one shared namespace, with the repository root as the working directory: one test
   case per file. A block fenced as ```python no-run is shown but not run (for GPU-only or
   full-size examples); docs/README.md states the convention.
+* What a block prints is shown under it in a ```text output block, and must match what it
+  prints now (numbers to a couple of units in their last printed digit; `...` stands for
+  any text). A block that prints shows its output; one that prints nothing shows none.
 * Every relative link in those files points at a file that exists, and a link whose text
-  is a `name` pointing at a .py file names a function or class defined in that file.
+  is a `name` pointing at a .py file names a function or class defined in that file, at
+  the line its #L<n> anchor gives.
 * docs/README.md lists every walkthrough, in reading order.
+
+`make docs-refresh` (scripts/refresh_docs.py, whose functions these tests use) rewrites the
+shown outputs and the line anchors from the code.
 """
 
 import re
 from pathlib import Path
 
 import pytest
-import torch
+
+from conftest import load_script
+
+refresh = load_script("scripts/refresh_docs.py")
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 PAGES = DOCS + [ROOT / "README.md"]
 WALKTHROUGHS = [p for p in DOCS if re.match(r"\d\d_", p.name)]
-
-FENCE = re.compile(r"^```python([^\n]*)\n(.*?)^```", re.S | re.M)
-LINK = re.compile(r"\[([^\]]*)\]\(([^)\s]+)\)")
-
-
-def python_blocks(text: str) -> list[tuple[int, str]]:
-    """(line number, source) of each runnable ```python block; ```python no-run blocks are left out."""
-    blocks = []
-    for m in FENCE.finditer(text):
-        if "no-run" in m.group(1):
-            continue
-        line = text.count("\n", 0, m.start()) + 2  # the block's first line of code
-        blocks.append((line, m.group(2)))
-    return blocks
+LINK = refresh.LINK
+STALE = "; `make docs-refresh` rewrites outputs and line anchors from the code (review its diff)"
 
 
-def test_python_blocks_finds_runnable_blocks_and_skips_no_run():
-    text = "intro\n```python\nx = 1\n```\n```python no-run\nboom()\n```\n```bash\nls\n```\n```python\ny = x\n```\n"
-    assert python_blocks(text) == [(3, "x = 1\n"), (12, "y = x\n")]
+def test_parse_finds_runnable_blocks_and_their_outputs():
+    text = ("intro\n```python\nx = 1\nprint(x)\n```\n\n```text output\n1\n```\n"
+            "```python no-run\nboom()\n```\n```bash\nls\n```\n```python\ny = x\n```\n")
+    blocks = refresh.parse(text)
+    assert [(b.line, b.source, b.output) for b in blocks] == [(3, "x = 1\nprint(x)\n", "1"), (17, "y = x\n", None)]
 
 
-@pytest.fixture
-def one_thread():
-    """The snippets' models are tiny: one thread runs them fastest, and leaves the other cores alone."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def test_parse_rejects_an_output_block_that_follows_no_python_block():
+    with pytest.raises(ValueError, match="line 4: a ```text output block must directly follow"):
+        refresh.parse("```bash\nls\n```\n```text output\nfoo\n```\n")
+    with pytest.raises(ValueError, match="line 5"):
+        refresh.parse("```python\nprint(1)\n```\nprose\n```text output\n1\n```\n")
+
+
+@pytest.mark.parametrize("shown, printed", [
+    ("experts [7, 3], weights [0.617, 0.383]", "experts [7, 3], weights [0.6171, 0.3829]"),  # more digits
+    ("weights [0.617, 0.383]", "weights [0.618, 0.382]"),  # a unit in the last digit
+    ("loss 4.27", "loss 4.2700001"),
+    ("a   b\n   c 1.5e-05", "a b c 1.51e-05"),  # whitespace and line breaks are layout
+    ("48,177,356,800 parameters", "48177356800 parameters"),
+    ("reading .../tiny.json: done", "reading /tmp/tmpab12_x/tiny.json: done"),  # ... is a wildcard
+    ("", ""),
+])
+def test_outputs_match_tolerates_float_formatting(shown, printed):
+    assert refresh.outputs_match(shown, printed) == (True, "")
+
+
+@pytest.mark.parametrize("shown, printed, why", [
+    ("weights [0.617, 0.383]", "weights [0.612, 0.383]", "shown '0.617', printed '0.612'"),  # a wrong number
+    ("weights [0.617, 0.383]", "weights [0.383, 0.617]", "shown '0.617', printed '0.383'"),
+    ("experts [7, 3]", "experts [7, 2]", "shown '3', printed '2'"),  # integers are exact
+    ("would drop 3 of 80", "would drop 3 of 81", "shown '80', printed '81'"),
+    ("<0xE4> <0xBB>", "<0xE4> <0xBC>", "shown 'xBB', printed 'xBC'"),
+    ("layer 0 loss 2.0", "layer 0 gain 2.0", "shown 'loss', printed 'gain'"),
+    ("a b", "a b c", "the printed output goes on: c"),
+    ("a b c", "a b", "the shown output goes on: c"),
+    ("x ... y 3", "x 1 2 y 4", "does not fit"),
+])
+def test_outputs_match_catches_a_wrong_output(shown, printed, why):
+    ok, message = refresh.outputs_match(shown, printed)
+    assert not ok and why in message
+
+
+def test_check_outputs_wants_every_print_shown_and_nothing_else(tmp_path):
+    page = refresh.ROOT / "docs" / "example.md"  # only names the page in messages
+    text = ("```python\nprint(1)\n```\n\n```python\nx = 2\n```\n\n```text output\n2\n```\n"
+            "```python\nprint(3)\n```\n\n```text output\n3\n```\n")
+    blocks = refresh.parse(text)
+    printed = refresh.run_blocks(page, blocks)
+    assert printed == ["1", "", "3"]
+    problems = refresh.check_outputs(page, blocks, printed)
+    assert len(problems) == 2
+    assert "docs/example.md:2: the block prints but shows no ```text output block" in problems[0]
+    assert "docs/example.md:6: a ```text output block is shown, but the block prints nothing" in problems[1]
+    fixed = refresh.with_outputs(text, blocks, printed)
+    assert fixed == ("```python\nprint(1)\n```\n\n```text output\n1\n```\n\n```python\nx = 2\n```\n"
+                     "```python\nprint(3)\n```\n\n```text output\n3\n```\n")
+    assert refresh.check_outputs(page, refresh.parse(fixed), printed) == []
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_snippets_run(page, monkeypatch, one_thread):
-    blocks = python_blocks(page.read_text())
+def test_snippets_run_and_print_what_they_show(page):
+    blocks = refresh.parse(page.read_text())
     if page in WALKTHROUGHS:
         assert blocks, f"{page.name} has no runnable python block"
-    monkeypatch.chdir(ROOT)
-    namespace = {"__name__": f"docs.{page.stem}"}
-    for line, source in blocks:
-        code = compile(source, f"{page.relative_to(ROOT)}:{line}", "exec")
-        exec(code, namespace)
+    printed = refresh.run_blocks(page, blocks)
+    problems = refresh.check_outputs(page, blocks, printed)
+    assert not problems, "\n\n".join(problems) + "\n" + STALE
+
+
+def test_definition_line_and_anchor_checks(tmp_path):
+    source = "import x\n\n\nclass A:\n    def f(self):\n        pass\n\n    def g(self):\n        def f():\n            pass\n\n\ndef f():\n    pass\n"
+    assert refresh.definition_line(source, "A") == 4
+    assert refresh.definition_line(source, "f") == 13  # the top-level one
+    assert refresh.definition_line(source, "A.f") == 5 and refresh.definition_line(source, "A.g") == 8
+    assert refresh.definition_line(source, "A.h") is None and refresh.definition_line(source, "B.f") is None
+    (tmp_path / "m.py").write_text(source)
+    page = tmp_path / "page.md"
+    text = "[`A.g`](m.py#L8), [`f`](m.py#L3), [`A`](m.py), [the file](m.py)\n```python\n# [`f`](m.py)\n```\n"
+    problems = refresh.check_anchors(page, text)
+    assert [p.split(": ", 2)[-1] for p in problems] == ["f is defined at line 13, the link says 3",
+                                                       "A is defined at line 4, the link says no line"]
+    assert refresh.with_anchors(page, text) == text.replace("#L3", "#L13").replace("(m.py),", "(m.py#L4),")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_code_links_point_at_the_definition_line(page):
+    problems = refresh.check_anchors(page, page.read_text())
+    assert not problems, "\n".join(problems) + "\n" + STALE
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_links_resolve(page):
-    prose = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # links inside code blocks are code
+    prose = refresh.mask_code(page.read_text())  # links inside code blocks are code
     for text, target in LINK.findall(prose):
         if re.match(r"[a-z]+:", target) or target.startswith("#"):
             continue  # web links and in-page anchors
-        path = (page.parent / target.split("#")[0]).resolve()
+        file, _, anchor = target.partition("#")
+        path = (page.parent / file).resolve()
         assert path.exists(), f"{page.name}: link [{text}]({target}) points at a missing file"
-        name = re.fullmatch(r"`(\w+)(\(\))?`", text)
-        if name and path.suffix == ".py":
-            defined = re.search(rf"^\s*(def|class)\s+{name.group(1)}\b", path.read_text(), re.M)
-            assert defined, f"{page.name}: [{text}]({target}): no def or class {name.group(1)} in {target}"
+        if anchor and path.suffix == ".md":
+            assert anchor in heading_anchors(path), f"{page.name}: link [{text}]({target}): no such heading in {file}"
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as -."""
+    headings = re.findall(r"^#+\s+(.*?)\s*$", refresh.mask_code(page.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_heading_anchors():
+    assert {"the-real-thing-trainpy", "what-goes-wrong-without-it"} <= heading_anchors(ROOT / "docs" / "08_training.md") | heading_anchors(ROOT / "docs" / "05_moe.md")
 
 
 def test_index_lists_every_walkthrough_in_order():
     index = (ROOT / "docs" / "README.md").read_text()
-    linked = [t for _, t in LINK.findall(index) if re.match(r"\d\d_.*\.md$", t)]
+    listed = "\n".join(re.findall(r"^\d+\. .*$", index, re.M))  # the numbered reading list
+    linked = [t for _, t in LINK.findall(listed) if re.match(r"\d\d_.*\.md$", t)]
     assert linked == [p.name for p in WALKTHROUGHS]
 
 

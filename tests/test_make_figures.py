@@ -78,24 +78,63 @@ def test_route_sentence_matches_transformers_routing():
         assert torch.equal(experts.sort(dim=-1).values, hf_experts.sort(dim=-1).values)
 
 
+def test_byte_groups_finds_the_characters_that_byte_tokens_spell():
+    pieces = ["▁", "<0xE4>", "<0xBB>", "<0x8A>", "a", "<0xC3>", "<0xAF>", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>", "<0xE4>"]
+    assert make_figures.byte_groups(pieces) == [(1, 3, "今"), (5, 6, "ï"), (7, 10, "😀")]  # the last byte is incomplete
+
+
+def test_example_routing_and_cache_fill_read_the_real_code():
+    probs, experts, weights = make_figures.example_routing()
+    assert torch.equal(experts, probs.topk(2).indices)
+    torch.testing.assert_close(weights, probs[experts] / probs[experts].sum())
+    after_prefill, after_decode = make_figures.cache_fill(prompt_len=5, max_len=8)
+    assert after_prefill.tolist() == [True] * 5 + [False] * 3
+    assert after_decode.tolist() == [True] * 6 + [False] * 2
+
+
 def test_main_draws_every_figure_and_skips_training_figures_without_a_log(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "figures"
     make_figures.main(["--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["attention_masks.png", "rope_angles.png", "router.png"]
-    assert "skipping expert_load.png and loss.png" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["attention_masks.png", "gqa.png", "kv_cache.png", "moe_block.png",
+                                                    "rope_angles.png", "router.png"]
+    assert "skipping expert_load.png, loss.png and collapse.png" in capsys.readouterr().out
 
 
 
-def test_training_figures_draw_from_a_log(tmp_path):
+def test_training_figures_draw_from_two_logs(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     g = torch.Generator().manual_seed(0)
-    records = [train_record(s, torch.rand(4, 8, generator=g).tolist()) for s in range(0, 50, 5)]
-    train, evals = make_figures.read_train_log(write_log(tmp_path / "log.jsonl", records + [{"kind": "eval", "step": 45, "val_loss": 3.5}]))
-    make_figures.plot_expert_load(tmp_path / "expert_load.png", train)
-    make_figures.plot_loss(tmp_path / "loss.png", train, evals)
-    for name in ("expert_load.png", "loss.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = {}
+    for name in ("balanced", "collapsed"):
+        records = [train_record(s, torch.rand(4, 8, generator=g).tolist()) for s in range(5, 55, 5)]
+        (tmp_path / name).mkdir()
+        runs[name] = write_log(tmp_path / name / "log.jsonl", records + [{"kind": "eval", "step": 50, "val_loss": 3.5}])
+    # the run's config.json beside its log gives loss.png its reference lines
+    (tmp_path / "balanced" / "config.json").write_text(json.dumps({"config": {"vocab_size": 4096, "top_k": 2}}))
+    assert make_figures.run_config(runs["balanced"]) == {"vocab_size": 4096, "top_k": 2}
+    assert make_figures.run_config(runs["collapsed"]) is None
+    out = tmp_path / "figures"
+    make_figures.main(["--out", str(out), "--train-log", str(runs["balanced"]), "--collapse-log", str(runs["collapsed"])])
+    assert "wrote moe_block.png, gqa.png, kv_cache.png, rope_angles.png, attention_masks.png, router.png, " \
+           "expert_load.png, loss.png, collapse.png" in capsys.readouterr().out
+    for name in ("expert_load.png", "loss.png", "collapse.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_collapse_figure_needs_runs_of_the_same_shape(tmp_path):
+    pytest.importorskip("matplotlib")
+    a = [train_record(s, [[1] * 8] * 4) for s in (5, 10)]
+    b = [train_record(s, [[1] * 4] * 4) for s in (5, 10)]
+    with pytest.raises(ValueError, match=r"different shapes: \(4, 8\) and \(4, 4\)"):
+        make_figures.plot_collapse(tmp_path / "collapse.png", a, b)
+
+
+def test_main_wants_the_balanced_log_beside_a_collapse_log(tmp_path, capsys):
+    log = write_log(tmp_path / "log.jsonl", [train_record(5, [[1, 1]])])
+    with pytest.raises(SystemExit):
+        make_figures.main(["--out", str(tmp_path / "figures"), "--collapse-log", str(log)])
+    assert "give both" in capsys.readouterr().err
 
 
 def test_main_rejects_a_checkpoint_without_tokenizer_before_drawing(tmp_path, capsys):
