@@ -7,6 +7,12 @@
 #   make collapse-demo   the demo's run again without the load-balancing loss (docs/05_moe.md)
 #   make docs-refresh    rewrite the docs' shown outputs and code-link line numbers from the code
 #
+# On a machine with a CUDA GPU, with a python that has torch (no venv is made: PY=python3):
+#   make gpu-check PY=python3        GPU code paths' tests, a short training run to a checkpoint,
+#                                    generate.py --compile on it, and the training benchmark
+#   make bench-gpu PY=python3        Orion-MoE8x7B's decoding speed on the GPU (benchmarks/bench_gpu.py)
+#   make bench-train-gpu PY=python3  training a 583 M MoE: nano_orion eager and compiled vs transformers
+#
 # TORCH is the torch requirement pip installs (default torch==2.13.0; e.g. `make TORCH='torch>=2.6' test`).
 # Which build that is depends on your platform and pip configuration: on Linux, PyPI's default is the
 # CUDA build; add PyTorch's CPU index to your pip configuration for the smaller CPU wheel.
@@ -15,7 +21,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo collapse-demo bench figures docs-refresh convert-memory clean
+.PHONY: install test demo collapse-demo bench figures docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
 
 install: $(VENV)/.installed
 
@@ -61,6 +67,20 @@ TRAIN_BENCH_ARGS ?=
 bench: install
 	$(PY) -m benchmarks.bench_generate $(GEN_BENCH_ARGS)
 	$(PY) -m benchmarks.bench_train $(TRAIN_BENCH_ARGS)
+
+# ---- GPU: no `install` prerequisite; PY must have torch with CUDA (e.g. PY=python3 on a GPU machine).
+GPU_OUT ?= out/gpu-check
+GPU_BENCH_ARGS ?=
+gpu-check:
+	$(PY) -m pytest -q tests/test_gemv.py tests/test_decode.py tests/test_device.py
+	$(PY) train.py --device cuda --out-dir $(GPU_OUT) --max-iters 120 --eval-interval 60
+	$(PY) generate.py --ckpt $(GPU_OUT) --device cuda --compile --temperature 0 --max-new-tokens 64 \
+		--prompt "$$(printf 'class Parser:\n    def __init__(self')"
+	$(MAKE) bench-train-gpu PY=$(PY)
+bench-gpu:
+	$(PY) -m benchmarks.bench_gpu $(GPU_BENCH_ARGS)
+bench-train-gpu:
+	$(PY) -m benchmarks.bench_train --device cuda --config orion-583m --batch-size 16 --block-size 1024 --steps 30
 
 # ---- figures: CHECKPOINT's router is drawn; TRAIN_LOG (train.py's OUT_DIR/log.jsonl) gives
 # the loss and expert-load figures, skipped when empty; COLLAPSE_LOG (make collapse-demo's log),

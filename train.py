@@ -35,7 +35,7 @@ from nano_orion.checkpoint import is_checkpoint_file, read_nano
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
 from nano_orion.device import resolve_device
-from nano_orion.moe import expert_counts, load_balancing_loss
+from nano_orion.moe import expert_counts, grouped_mm_runs, load_balancing_loss
 
 # Dense bf16 peak of known GPUs (spec sheets, without sparsity), for the MFU estimate. A key
 # must be a whole word of torch.cuda.get_device_name(): "L4" is not "L40S", "A10" not "A10G".
@@ -89,7 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="autocast dtype (weights and optimizer stay float32); auto: bfloat16 on GPUs that support it")
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the forward pass and the losses (the backward follows); slow first steps")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard weights, gradients and optimizer "
                    "state across processes with FSDP2 (fully_shard) instead of replicating them with DDP")
     p.add_argument("--peak-flops", type=float, default=None,
@@ -351,10 +352,11 @@ def main(argv=None):
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         raw_model = Orion(config).to(device)  # the module itself: sampled from and checkpointed
-    model = torch.compile(raw_model) if args.compile else raw_model
+    model = raw_model
     if world > 1 and not args.fsdp:
-        # Experts that receive no token in a micro-batch get no gradient: find_unused_parameters.
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        # Every parameter gets a gradient each step (an expert without tokens a zero one): no need to look for unused ones.
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loss_fn = torch.compile(losses) if args.compile else losses
     optimizer = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                                   fused=device.type in ("cpu", "cuda"))
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -381,6 +383,9 @@ def main(argv=None):
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
     flops_per_token = 6 * config.n_active_params()  # forward 2N, backward 4N (attention scores left out)
     peak = args.peak_flops or peak_flops(device, amp_dtype)
+    grouped = grouped_mm_runs(device, amp_dtype or torch.float32, config.dim, config.ffn_dim, args.compile)
+    say("experts: " + ("one F.grouped_mm per projection for all of them" if grouped else
+                       "one matmul per expert (F.grouped_mm does not run here for this dtype)"))
     say(f"{args.config}: {config.n_params() / 1e6:.2f} M parameters, {config.n_active_params() / 1e6:.2f} M active "
         f"per token, vocab {config.vocab_size}; {world} process(es) on {device}, {amp_dtype or torch.float32}; "
         f"{tokens_per_step:,} tokens per step; MFU relative to {peak / 1e12:.3g} TFLOP/s")
@@ -419,10 +424,12 @@ def main(argv=None):
         for micro in range(args.grad_accum):
             x, y = get_batch(train_tokens, args.batch_size, args.block_size, args.seed, step,
                              micro=micro * world + rank, n_micro=args.grad_accum * world)
+            if device.type == "cuda":  # from pinned memory, a copy does not wait for the GPU to finish its queue
+                x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with gradient_sync(model, sync=micro == args.grad_accum - 1):
                 with autocast:
-                    ce, aux, c = losses(model, raw_model, x, y)
+                    ce, aux, c = loss_fn(model, raw_model, x, y)
                 ((ce + config.router_aux_loss_coef * aux) / args.grad_accum).backward()
             stats += torch.stack([ce.detach(), aux.detach()]) / args.grad_accum
             counts += c
@@ -432,6 +439,9 @@ def main(argv=None):
         step += 1
         tokens += tokens_per_step
         bar.update()
+        if args.compile and step == 1:
+            breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+            say(f"torch.compile: the step compiled into graphs with {breaks} graph break(s)")
 
         if step % args.log_interval == 0 or step == args.max_iters:
             if world > 1:

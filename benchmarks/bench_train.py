@@ -1,17 +1,25 @@
 """Training throughput: nano_orion vs transformers' MixtralForCausalLM, measured in one run.
 
 One training step = forward, cross-entropy + load-balancing loss, backward, gradient
-clipping, AdamW step: tokens per second of each, on the same shape, the same weights (the
+clipping, AdamW step (fused, as train.py), on the same shape, the same weights (the
 Mixtral copy is loaded from nano_orion's RMSNorm model) and the same batches. Steps of
-the two alternate, so both see the same machine load. Tokens/s come from each model's
-fastest step (the one other processes on a shared machine disturbed least); the ratio is
-the median over steps of the paired ratios in process CPU time, which time spent
-descheduled does not inflate (with one torch thread, OMP_NUM_THREADS=1, it is the
-cleanest comparison). The output layer and its cross-entropy, the same work in both, are
-timed alone too: they bound how far any model code can pull ahead.
+the models alternate, so all see the same machine load.
 
-    python -m benchmarks.bench_train                       # toy shape, 16 x 128 tokens
-    python -m benchmarks.bench_train --batch-size 8 --block-size 256 --steps 10
+On the CPU (float32): tokens/s come from each model's fastest step (the one other
+processes on a shared machine disturbed least); the ratio is the median over steps of the
+paired ratios in process CPU time, which time spent descheduled does not inflate (with one
+torch thread, OMP_NUM_THREADS=1, it is the cleanest comparison). The output layer and its
+cross-entropy, the same work in both, are timed alone too: they bound how far any model
+code can pull ahead.
+
+On a GPU (bf16 autocast, float32 weights and optimizer, as train.py): the median step's
+tokens/s and MFU (6 x active parameters FLOPs per token, against the card's spec-sheet
+peak), for nano_orion eager and compiled (torch.compile of the forward and the losses,
+as train.py --compile) and transformers eager.
+
+    make bench-train-gpu PY=python3        # the 583 M MoE, 16 x 1024 tokens, on the GPU
+    python -m benchmarks.bench_train       # toy shape, 16 x 128 tokens, CPU
+    python -m benchmarks.bench_train --device cuda --config orion-583m --batch-size 16 --block-size 1024
 """
 
 import argparse
@@ -24,73 +32,117 @@ import torch.nn.functional as F
 
 import train
 from nano_orion import Orion, OrionConfig
-from nano_orion.config import PRESETS
 from nano_orion.hf_mixtral import to_mixtral
 
+CONFIGS = {
+    "toy": OrionConfig.preset("toy"),
+    # An Orion-shaped MoE of 583 M parameters (164 M active per token), sized for one GPU.
+    "orion-583m": OrionConfig(vocab_size=4096, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=2816,
+                              n_experts=8, top_k=2, max_seq_len=2048),
+}
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="toy", choices=sorted(PRESETS), help="model shape preset")
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", default="toy", choices=sorted(CONFIGS), help="model shape (default toy)")
+    p.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bf16 autocast); default cpu")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--block-size", type=int, default=128, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=16, help="timed steps of each model (after 2 warm-up steps)")
-    args = p.parse_args()
+    p.add_argument("--no-compile", action="store_true", help="on a GPU, leave out the compiled nano_orion")
+    args = p.parse_args(argv)
 
     torch.manual_seed(0)
-    config = OrionConfig.preset(args.config, norm_type="rmsnorm")  # Mixtral's norm
-    nano = Orion(config)
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    config = OrionConfig(**{**CONFIGS[args.config].to_dict(), "norm_type": "rmsnorm"})  # Mixtral's norm
+    nano = Orion(config).to(device)
     hf = to_mixtral(nano, attn_implementation="sdpa").train()  # transformers' default attention
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1), generator=g)
+    batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1), generator=g).to(device)
                for _ in range(args.steps + 2)]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
 
-    def nano_step(batch):
-        x, y = batch[:, :-1], batch[:, 1:]
-        ce, aux, _ = train.losses(nano, nano, x, y)
+    def nano_loss(model, batch):
+        ce, aux, _ = train.losses(model, nano, batch[:, :-1], batch[:, 1:])
         return ce + config.router_aux_loss_coef * aux
 
-    def hf_step(batch):
-        x, y = batch[:, :-1], batch[:, 1:]
-        out = hf(input_ids=x, output_router_logits=True, use_cache=False)
-        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+    def hf_loss(model, batch):
+        out = model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
+        ce = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].flatten())
         return ce + config.router_aux_loss_coef * out.aux_loss
 
     # The same loss on the same weights: both do the same work.
-    with torch.no_grad():
-        a, b = nano_step(batches[0]).item(), hf_step(batches[0]).item()
-    print(f"first-batch loss: nano_orion {a:.5f}, transformers {b:.5f}")
+    with torch.no_grad(), autocast:
+        a, b = nano_loss(nano, batches[0]).item(), hf_loss(hf, batches[0]).item()
+    print(f"first-batch loss: nano_orion {a:.4f}, transformers {b:.4f}")
 
-    runs = {}
-    for name, model, step in (("nano_orion", nano, nano_step), ("transformers", hf, hf_step)):
-        opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=True)  # as train.py
-
-        def one(batch, model=model, step=step, opt=opt):
-            t0, c0 = time.perf_counter(), time.process_time()
-            step(batch).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return time.perf_counter() - t0, time.process_time() - c0
-
-        runs[name] = (one, [])
+    runs = {"nano_orion": (nano, nano_loss), "transformers": (hf, hf_loss)}
+    if on_gpu and not args.no_compile:
+        runs["nano_orion compiled"] = (nano, torch.compile(nano_loss))
+    steps = {name: train_step(model, loss, autocast) for name, (model, loss) in runs.items()}
+    times = {name: [] for name in runs}
+    t0 = time.perf_counter()
     for i, batch in enumerate(batches):
-        for one, times in runs.values():  # alternate: both see the same machine load
-            dt = one(batch)
+        for name, step in steps.items():  # alternate: all see the same machine load
+            dt = step(batch)
             if i >= 2:
-                times.append(dt)
+                times[name].append(dt)
+        if i == 0 and len(runs) > 2:
+            print(f"first steps, compiling included: {time.perf_counter() - t0:.0f} s")
 
     tokens = args.batch_size * args.block_size
-    tok_s = {name: tokens / min(wall for wall, _ in times) for name, (_, times) in runs.items()}
-    # Step i of both models ran back to back: their CPU-time ratio is little affected by load changes.
-    paired = statistics.median(h[1] / n[1] for n, h in zip(runs["nano_orion"][1], runs["transformers"][1]))
-    print(f"config {args.config} ({config.n_params() / 1e6:.2f} M parameters, {config.n_active_params() / 1e6:.2f} M active), "
-          f"batch {args.batch_size} x {args.block_size} tokens, float32, {args.steps} timed steps each")
+    print(f"config {args.config} ({config.n_params() / 1e6:.1f} M parameters, {config.n_active_params() / 1e6:.1f} M active), "
+          f"batch {args.batch_size} x {args.block_size} tokens, {'bf16 autocast' if on_gpu else 'float32'}, {args.steps} timed steps each")
+    if on_gpu:
+        report_gpu(times, tokens, config, device)
+    else:
+        report_cpu(times, tokens, config)
+
+
+def train_step(model, loss_fn, autocast):
+    """One training step of `model` on a batch -> (wall seconds, process CPU seconds)."""
+    opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), fused=True)  # as train.py
+    on_gpu = next(model.parameters()).is_cuda
+
+    def step(batch):
+        if on_gpu:
+            torch.cuda.synchronize()
+        t0, c0 = time.perf_counter(), time.process_time()
+        with autocast:
+            loss = loss_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    return step
+
+
+def report_gpu(times: dict, tokens: int, config: OrionConfig, device) -> None:
+    name = torch.cuda.get_device_name(device)
+    peak = train.spec_peak_flops(name)
+    print(f"device: {name}, torch {torch.__version__}; MFU against {peak / 1e12:.0f} TFLOP/s (dense bf16 spec)" if peak else
+          f"device: {name}, torch {torch.__version__}; no spec-sheet peak known, so no MFU")
+    tok_s = {n: tokens / statistics.median(wall for wall, _ in t) for n, t in times.items()}
+    for n, v in tok_s.items():
+        mfu = f", MFU {v * 6 * config.n_active_params() / peak:.1%}" if peak else ""
+        print(f"  {n:20s} {v:12,.0f} tokens/s (median step){mfu}; {tok_s[n] / tok_s['transformers']:.2f}x transformers")
+
+
+def report_cpu(times: dict, tokens: int, config: OrionConfig) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    for name, v in tok_s.items():
-        print(f"  {name:13s} {v:10,.0f} tokens/s per training step (fwd + bwd + AdamW), fastest step")
+    tok_s = {n: tokens / min(wall for wall, _ in t) for n, t in times.items()}
+    for n, v in tok_s.items():
+        print(f"  {n:13s} {v:10,.0f} tokens/s per training step (fwd + bwd + AdamW), fastest step")
+    # Step i of both models ran back to back: their CPU-time ratio is little affected by load changes.
+    paired = statistics.median(h[1] / n[1] for n, h in zip(times["nano_orion"], times["transformers"]))
     print(f"  of which the same work in both, output layer + cross-entropy (fwd + bwd): "
-          f"{shared_output_ms(config, args.batch_size * args.block_size):.0f} ms per step; "
-          f"nano_orion's fastest step: {1e3 * tokens / tok_s['nano_orion']:.0f} ms")
+          f"{shared_output_ms(config, tokens):.0f} ms per step; nano_orion's fastest step: {1e3 * tokens / tok_s['nano_orion']:.0f} ms")
     print(f"nano_orion / transformers: {paired:.2f}x (median over paired steps, CPU time); "
           f"{tok_s['nano_orion'] / tok_s['transformers']:.2f}x (fastest steps, wall-clock)")
 
@@ -106,6 +158,7 @@ def shared_output_ms(config, n_tokens: int) -> float:
         F.cross_entropy(F.linear(h, w), y).backward()
         best = min(best, time.perf_counter() - t0)
     return 1e3 * best
+
 
 if __name__ == "__main__":
     main()

@@ -81,7 +81,7 @@ def moe_grouped(x, weights, experts, w1, w3, w2):
     xs = x[token]  # (N * top_k, dim): block e holds the tokens routed to expert e
     counts = expert_counts(experts, w1.shape[0])  # block sizes
     dtype = compute_dtype(x)
-    if grouped_mm_runs(x.device, dtype, x.shape[1], w1.shape[1]):
+    if grouped_mm_runs(x.device, dtype, x.shape[1], w1.shape[1], torch.compiler.is_compiling()):
         ends = counts.cumsum(0, dtype=torch.int32)  # where each block ends
         xs, w1, w3, w2 = (t.to(dtype) for t in (xs, w1, w3, w2))  # grouped_mm is not autocast's
 
@@ -135,7 +135,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def grouped_mm_runs(device: torch.device, dtype: torch.dtype, dim: int, ffn_dim: int) -> bool:
+def grouped_mm_runs(device: torch.device, dtype: torch.dtype, dim: int, ffn_dim: int, compiling: bool) -> bool:
     """Whether F.grouped_mm runs here: on CUDA from torch 2.9 in bfloat16 on sm80 and later,
     on the CPU from torch 2.13 (there, under torch.compile, in bfloat16 only); in bfloat16
     the rows must be a multiple of 16 bytes long."""
@@ -144,7 +144,7 @@ def grouped_mm_runs(device: torch.device, dtype: torch.dtype, dim: int, ffn_dim:
     if device.type == "cuda":
         return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
     new_enough = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
-    return device.type == "cpu" and new_enough and (dtype == torch.bfloat16 or not torch.compiler.is_compiling())
+    return device.type == "cpu" and new_enough and (dtype == torch.bfloat16 or not compiling)
 
 
 class MoE(nn.Module):

@@ -16,7 +16,7 @@ from nano_orion import OrionConfig
 from nano_orion.quantize import quantize_model
 from nano_orion.sampler import ORION_DEMO, compile_decode_step, generate, left_pad
 
-from conftest import FIXTURES, random_model
+from conftest import DEVICE, FIXTURES, random_model
 
 SDPA = F.scaled_dot_product_attention
 
@@ -30,8 +30,8 @@ def sdpa_with_cuda_strides(*args, **kwargs):
 def test_attention_does_not_assume_the_cpus_output_strides():
     """CUDA's SDPA kernels return other strides than the CPU's; a .view of their output once
     crashed every float32 decoding step on a GPU. Prefill, decode and a full pass agree."""
-    model, tok = nano_orion.load(FIXTURES / "orion-mini-rmsnorm")
-    idx = torch.tensor([tok.encode("The experts of 位置 and their router")])
+    model, tok = nano_orion.load(FIXTURES / "orion-mini-rmsnorm", device=DEVICE)
+    idx = torch.tensor([tok.encode("The experts of 位置 and their router")], device=DEVICE)
     expected_ids, expected_logits = generate(model, idx, 6), model(idx)
     with mock.patch.object(F, "scaled_dot_product_attention", sdpa_with_cuda_strides):
         assert torch.equal(generate(model, idx, 6), expected_ids)
@@ -39,13 +39,13 @@ def test_attention_does_not_assume_the_cpus_output_strides():
 
 
 def test_position_as_a_tensor_equals_position_as_an_int():
-    model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=3)
-    idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
-    pad_mask = torch.ones(2, 12, dtype=torch.bool)
+    model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=3).to(DEVICE)
+    idx = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    pad_mask = torch.ones(2, 12, dtype=torch.bool, device=DEVICE)
     pad_mask[1, :3] = False
     with torch.no_grad():
         logits = []
-        for start_pos in (6, torch.tensor(6)):
+        for start_pos in (6, torch.tensor(6, device=DEVICE)):
             cache = model.new_cache(2, 12)
             model(idx[:, :6], cache=cache, pad_mask=pad_mask[:, :6])
             logits.append(model(idx[:, 6:], cache=cache, start_pos=start_pos, pad_mask=pad_mask))
@@ -56,8 +56,8 @@ def sampled_runs(model, runs, decode_step=None):
     """The tokens of each (prompts, n): n tokens sampled with the demo's settings, seeded."""
     outputs = []
     for prompts, n in runs:
-        idx, pad_mask = left_pad(prompts, 0)
-        g = torch.Generator().manual_seed(0)
+        idx, pad_mask = left_pad(prompts, 0, DEVICE)
+        g = torch.Generator(DEVICE).manual_seed(0)
         pad_mask = None if pad_mask.all() else pad_mask
         outputs.append(generate(model, idx, n, ORION_DEMO, pad_mask=pad_mask, generator=g, decode_step=decode_step).tolist())
     return outputs
@@ -74,7 +74,7 @@ def test_compiled_decoding_equals_eager_and_compiles_once_per_shape_kind():
     """A compiled step (one graph: fullgraph=True refuses graph breaks) gives the eager
     tokens, sampled with the demo's settings, for float and int8 weights; generations of
     other lengths reuse it (the cache's length is dynamic): one graph for all."""
-    model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=4)
+    model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=4).to(DEVICE)
     runs = [([[5, 6, 7, 8]], 6), ([[9, 10, 11, 12, 13, 14]], 9), ([[3, 4, 5]], 12), ([[3, 4]], 15)]
     outputs, graphs = compiled_runs(model, runs)
     assert outputs == sampled_runs(model, runs)

@@ -76,8 +76,10 @@ def test_grouped_dispatch_equals_reference_loop(problem, dim, ffn_dim, grouped_m
 
 def test_grouped_mm_runs_on_this_cpu():
     """torch 2.13's CPU build has F.grouped_mm: the tests above exercise it, not only the fallback."""
-    assert nano_orion.moe.grouped_mm_runs(torch.device("cpu"), torch.float32, 16, 24)
-    assert not nano_orion.moe.grouped_mm_runs(torch.device("cpu"), torch.bfloat16, 12, 24)  # rows not 16-byte aligned
+    cpu = torch.device("cpu")
+    assert nano_orion.moe.grouped_mm_runs(cpu, torch.float32, 16, 24, compiling=False)
+    assert not nano_orion.moe.grouped_mm_runs(cpu, torch.float32, 16, 24, compiling=True)  # compiled: bf16 only
+    assert not nano_orion.moe.grouped_mm_runs(cpu, torch.bfloat16, 12, 24, compiling=False)  # rows not 16-byte aligned
 
 
 def test_grouped_dispatch_in_bfloat16_under_autocast():
