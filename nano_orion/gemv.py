@@ -62,15 +62,16 @@ if triton is not None:
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)  # which output rows of its expert
         e = tl.load(expert_ptr + r).to(tl.int64)
         w_rows = w_ptr + e * stride_we + o[:, None].to(tl.int64) * stride_wo  # (BLOCK_O, 1) row starts
-        acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)  # partial products, summed across once at the end
         for start in range(0, n_in, BLOCK_I):
             i = start + tl.arange(0, BLOCK_I)
             xi = tl.load(x_ptr + r * stride_x + i, mask=i < n_in, other=0.0).to(tl.float32)
             wi = tl.load(w_rows + i[None, :], mask=(o[:, None] < n_out) & (i[None, :] < n_in), other=0).to(tl.float32)
-            acc += tl.sum(wi * xi[None, :], axis=1)
+            acc += wi * xi[None, :]
+        y = tl.sum(acc, axis=1)  # (BLOCK_O,)
         if HAS_SCALE:
-            acc *= tl.load(scale_ptr + e * stride_se + o, mask=o < n_out, other=0.0).to(tl.float32)
-        tl.store(y_ptr + r * stride_y + o, acc.to(y_ptr.dtype.element_ty), mask=o < n_out)
+            y *= tl.load(scale_ptr + e * stride_se + o, mask=o < n_out, other=0.0).to(tl.float32)
+        tl.store(y_ptr + r * stride_y + o, y.to(y_ptr.dtype.element_ty), mask=o < n_out)
 
     # Block sizes: on a GPU the fastest of a few, timed on first use per matrix shape; the
     # interpreter cannot time anything, so there one small configuration is used.
