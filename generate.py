@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import nano_orion
-from nano_orion.checkpoint import DTYPES
+from nano_orion.config import DTYPES
 from nano_orion.quantize import quantize_model
 from nano_orion.sampler import decode_step_of, generate_text
 

@@ -50,11 +50,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .config import OrionConfig
+from .config import DTYPES, OrionConfig
 from .model import Orion
 
 FORMAT_VERSION = 1
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # largest weight file written: 5 GB, as the released checkpoint's shards

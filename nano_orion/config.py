@@ -19,7 +19,11 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import torch
+
 NORM_TYPES = ("layernorm", "rmsnorm")
+# The dtypes nano_orion stores and computes weights in, by the names the command lines take.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
