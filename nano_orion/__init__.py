@@ -4,8 +4,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, is_nano_checkpoint, load_hf, load_nano, save
+from .checkpoint import CheckpointError, is_nano_checkpoint, load_nano, save
 from .config import OrionConfig
+from .hf_layout import load_hf
 from .model import Orion
 from .sampler import generate
 from .tokenizer import Tokenizer

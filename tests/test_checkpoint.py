@@ -7,7 +7,9 @@ import torch
 
 import nano_orion
 from nano_orion import CheckpointError, OrionConfig
-from nano_orion.checkpoint import convert_hf, placement, plan_placement
+from nano_orion.checkpoint import expected_shapes
+from nano_orion.hf_layout import convert_hf
+from nano_orion.placement import placement, plan_placement
 
 from conftest import FIXTURES, random_model
 
@@ -97,12 +99,19 @@ def test_load_splits_layers_over_a_list_of_devices(tmp_path, monkeypatch):
     model = small_model("rmsnorm")
     nano_orion.save(model, tmp_path)
     plans = []
-    monkeypatch.setattr("nano_orion.checkpoint.plan_placement", lambda sizes, capacities: plans.append(plan_placement(sizes, capacities)) or plans[-1])
+    monkeypatch.setattr("nano_orion.placement.plan_placement", lambda sizes, capacities: plans.append(plan_placement(sizes, capacities)) or plans[-1])
     split, _ = nano_orion.load(tmp_path, device=["cpu", "cpu"])
     assert plans == [[0, 0, 0, 1, 1]]  # embed, layers 0-2, norm + head: first half on device 0
     idx = torch.randint(0, 100, (1, 7))
     out = nano_orion.generate(split, idx, max_new_tokens=5)
     assert torch.equal(out, nano_orion.generate(model, idx, max_new_tokens=5))
+
+
+def test_load_says_when_the_devices_are_too_small(tmp_path, monkeypatch):
+    nano_orion.save(small_model(), tmp_path)
+    monkeypatch.setattr("nano_orion.placement._free_bytes", lambda device: 1000)
+    with pytest.raises(CheckpointError, match="the model needs .* use more or larger GPUs"):
+        nano_orion.load(tmp_path, device=["cpu", "cpu"])
 
 
 # ---- the placement plan, on the real model's shape -----------------------------------------------
@@ -123,19 +132,19 @@ def test_plan_is_consecutive_proportional_and_fits():
 
 
 def test_plan_refuses_what_does_not_fit():
-    with pytest.raises(CheckpointError, match="the model needs 9.0 MB, the devices offer 8.0 MB"):
+    with pytest.raises(ValueError, match="the model needs 9.0 MB, the devices offer 8.0 MB"):
         plan_placement([3_000_000] * 3, [4_000_000, 4_000_000])
-    with pytest.raises(CheckpointError, match="device 0 would need 7.0 MB"):
+    with pytest.raises(ValueError, match="device 0 would need 7.0 MB"):
         plan_placement([7_000_000, 1_000_000], [5_000_000, 5_000_000])  # the embedding alone is too big
 
 
 def test_released_model_in_bf16_fits_two_80gb_gpus(monkeypatch):
     """The 96 GB of bf16 weights over two 80 GB GPUs (72 GB usable each), built on meta: no GPU needed."""
     config = OrionConfig.preset("orion-moe-8x7b")
-    monkeypatch.setattr("nano_orion.checkpoint._free_bytes", lambda device: 72 * 10**9)
-    where = placement(config, ["cuda:0", "cuda:1"], torch.bfloat16)
+    monkeypatch.setattr("nano_orion.placement._free_bytes", lambda device: 72 * 10**9)
+    where = placement(config, expected_shapes(config), ["cuda:0", "cuda:1"], torch.bfloat16)
     layer_devices = [where[f"layers.{i}"].index for i in range(config.n_layers)]
     assert layer_devices == [0] * 16 + [1] * 16
     assert where["embed"].index == 0 and where["norm"].index == where["lm_head"].index == 1
-    with pytest.raises(CheckpointError, match="the model needs 96.4 GB"):
-        placement(config, ["cuda:0"], torch.bfloat16)
+    with pytest.raises(ValueError, match="the model needs 96.4 GB"):
+        placement(config, expected_shapes(config), ["cuda:0"], torch.bfloat16)
