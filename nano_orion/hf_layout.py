@@ -20,15 +20,14 @@ leaves nothing behind and changes nothing.
 """
 
 import json
-import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from .atomic import atomic_folder
 from .checkpoint import (MAX_SHARD_BYTES, TOKENIZER_FILES, CheckpointError, assemble, check_folder, check_tensor,
                          expected_shapes, first_line, missing_tensors, read_json, read_nano, read_weight_file,
                          weight_files, write_config, write_shards)
@@ -254,9 +253,7 @@ def load_hf(folder, device="cpu", dtype=torch.float32) -> Orion:
 # ---- converting ---------------------------------------------------------------------------------
 
 
-@contextmanager
-def output_folder(out: Path, src: Path, needed_bytes: int, force: bool = False):
-    """Yield a fresh temporary folder beside `out`; renamed to `out` on success, deleted on any error."""
+def _check_output(out: Path, src: Path, force: bool) -> None:
     if out.resolve() == src.resolve():
         raise CheckpointError(f"{out}: the output folder is the input folder; choose another OUT_DIR")
     if out.exists() and not force:
@@ -265,23 +262,12 @@ def output_folder(out: Path, src: Path, needed_bytes: int, force: bool = False):
         raise CheckpointError(f"{out}: exists and is not a folder; choose another OUT_DIR")
     if not out.parent.is_dir():
         raise CheckpointError(f"{out.parent}: no such folder; create it first")
-    free = shutil.disk_usage(out.parent).free
+
+
+def _check_free_space(folder: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
     if free < needed_bytes:
-        raise CheckpointError(f"{out.parent}: {gb(free)} free, the output needs about {gb(needed_bytes)}; free some space or choose another OUT_DIR")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():  # --force: swap in the new folder, then drop the old one
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise CheckpointError(f"{folder}: {gb(free)} free, the output needs about {gb(needed_bytes)}; free some space or choose another OUT_DIR")
 
 
 def _progress(tensors, total: int, desc: str):
@@ -308,8 +294,9 @@ def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int 
     """Released layout in `src` -> nano_orion checkpoint in `out`, one input shard at a time."""
     src, out = Path(src), Path(out)
     config, tensors = read_hf(src, dtype)
-    needed = _needed_bytes(config, dtype, src, weight_files(src))
-    with output_folder(out, src, needed, force) as tmp:
+    _check_output(out, src, force)
+    with atomic_folder(out, replace=force) as tmp:  # here, what a killed run left beside `out` is gone
+        _check_free_space(out.parent, _needed_bytes(config, dtype, src, weight_files(src)))
         write_shards(_progress(tensors, len(expected_shapes(config)), "converting"), tmp, max_shard_bytes)
         write_config(tmp, config)
         _copy_tokenizer(src, tmp)
@@ -330,7 +317,9 @@ def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int =
             else:
                 yield nano_name_to_hf(name), t
 
-    with output_folder(out, src, _needed_bytes(config, dtype, src, weight_files(src)), force) as tmp:
+    _check_output(out, src, force)
+    with atomic_folder(out, replace=force) as tmp:
+        _check_free_space(out.parent, _needed_bytes(config, dtype, src, weight_files(src)))
         write_shards(hf_tensors(), tmp, max_shard_bytes)
         hf_config = config_to_hf(config)
         # The released config.json says "router_jitter_noise": 0, an int; transformers 5 checks
