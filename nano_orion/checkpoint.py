@@ -20,6 +20,10 @@ The readers here serve both formats (the released layout's, hf_layout.py, uses t
 * Clear errors. Every problem is a `CheckpointError` whose one-line message names the
   file, the problem and what to do; every tensor is checked against the shapes config.json
   implies (`expected_shapes`).
+
+Saving replaces the checkpoint in a folder at once (`saving`): the new files are written
+into a staging folder, committed with one rename, then linked into place. A reader sees the
+old checkpoint or the new one, never a mix, even when a save is killed halfway.
 """
 
 import json
@@ -27,12 +31,14 @@ import os
 import pickle
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_folder
 from .config import DTYPES, OrionConfig
 from .model import Orion
 from .placement import module_of, placement
@@ -41,6 +47,7 @@ FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # largest weight file written: 5 GB, as the released checkpoint's shards
+COMMITTED = ".committed"  # a complete new checkpoint inside its folder, being put in place (`saving`)
 
 
 class CheckpointError(Exception):
@@ -144,6 +151,13 @@ def missing_tensors(folder: Path, names: list[str]) -> CheckpointError:
 # ---- reading nano_orion's own format ------------------------------------------------------------
 
 
+def checkpoint_dir(folder) -> Path:
+    """Where a reader finds `folder`'s newest complete checkpoint: `folder` itself, or its
+    .committed/ while a save past its commit point is still being put in place (`saving`)."""
+    folder = Path(folder)
+    return folder / COMMITTED if (folder / COMMITTED).is_dir() else folder
+
+
 def is_nano_checkpoint(folder) -> bool:
     check_folder(Path(folder))
     return "nano_orion" in read_json(Path(folder) / "config.json")
@@ -151,7 +165,7 @@ def is_nano_checkpoint(folder) -> bool:
 
 def read_nano(folder):
     """A nano_orion checkpoint folder -> (config, generator of (name, memory-mapped tensor))."""
-    folder = Path(folder)
+    folder = checkpoint_dir(folder)
     check_folder(folder)
     path = folder / "config.json"
     try:
@@ -220,32 +234,53 @@ def is_checkpoint_file(name: str) -> bool:
     return name in ("config.json", "model.safetensors", INDEX) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None
 
 
-def save(model: Orion, folder, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Write `model` as a nano_orion checkpoint into `folder` (created if needed).
+@contextmanager
+def saving(folder):
+    """Yield an empty staging folder for a new checkpoint of `folder` (created if needed);
+    when the block ends without error, what it wrote replaces `folder`'s checkpoint at once.
 
-    The files are written into a temporary folder beside `folder` first, so a failed save
-    changes nothing. Then the previous checkpoint's config.json and weights (the files
-    `is_checkpoint_file` names, stale shards included) move aside, the new ones move in, and
-    the old ones are deleted. Other files in `folder` (tokenizer, logs) stay untouched."""
-    folder = Path(folder).resolve()
+    The staging folder, inside `folder`, gets the block's files plus copies of the tokenizer
+    files of `folder` it did not write, so that it holds a complete checkpoint. One rename
+    makes it folder/.committed/: the commit point. From then on readers read it
+    (`checkpoint_dir`) while `finish_save` links its files into `folder`. An error or a kill
+    before the commit point leaves the previous checkpoint as it was (the staging folder of
+    a killed save is removed by the next save); a kill after it is finished by the next
+    save or `finish_save`. Other files in `folder` (logs) stay untouched."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    tmp.mkdir()
-    try:
-        write_shards(model.state_dict().items(), tmp, max_shard_bytes)
-        write_config(tmp, model.config)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old.mkdir()  # renames only from here on; if one fails, tmp and old still hold every file
+    finish_save(folder)  # an earlier save killed after its commit point
+    with atomic_folder(folder / COMMITTED) as staging:
+        yield staging
+        for name in TOKENIZER_FILES:
+            if (folder / name).exists() and not (staging / name).exists():
+                shutil.copyfile(folder / name, staging / name)  # small files
+    finish_save(folder)
+
+
+def finish_save(folder) -> None:
+    """Put a committed save in place: link each of its files into `folder`, delete the
+    checkpoint files it lacks (an earlier save's shards or index, `is_checkpoint_file`),
+    then remove folder/.committed/. Repeating it after a kill finishes the job."""
+    folder = Path(folder)
+    committed = folder / COMMITTED
+    if not committed.is_dir():
+        return
+    new = {f.name for f in committed.iterdir()}
     for f in folder.iterdir():
-        if is_checkpoint_file(f.name):
-            f.rename(old / f.name)
-    for f in tmp.iterdir():
-        f.rename(folder / f.name)
-    tmp.rmdir()
-    shutil.rmtree(old)
+        if is_checkpoint_file(f.name) and f.name not in new:
+            f.unlink()
+    for name in sorted(new):
+        (folder / name).unlink(missing_ok=True)
+        os.link(committed / name, folder / name)  # a second name for the same file: no copy
+    shutil.rmtree(committed)
+
+
+def save(model: Orion, folder, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write `model` as a nano_orion checkpoint into `folder` (created if needed), replacing
+    the checkpoint there at once (`saving`); other files in `folder` stay."""
+    with saving(folder) as staging:
+        write_shards(model.state_dict().items(), staging, max_shard_bytes)
+        write_config(staging, model.config)
 
 
 # ---- loading, on one device or several ----------------------------------------------------------

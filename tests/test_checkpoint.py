@@ -1,12 +1,13 @@
 """nano_orion's checkpoint format: save/load round trip, zero-copy loading, layer placement across devices."""
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 import nano_orion
-from nano_orion import CheckpointError, OrionConfig
+from nano_orion import CheckpointError, OrionConfig, checkpoint
 from nano_orion.checkpoint import expected_shapes
 from nano_orion.hf_layout import convert_hf
 from nano_orion.placement import placement, plan_placement
@@ -66,6 +67,20 @@ def test_failed_save_changes_nothing(tmp_path, monkeypatch):
         nano_orion.save(small_model(n_layers=1, seed=1), folder)
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
     assert [f.name for f in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_a_save_killed_after_its_commit_point_is_what_loads(tmp_path, monkeypatch):
+    """Committed but not yet put in place: load() reads the new weights, and the folder's tokenizer."""
+    folder = tmp_path / "ckpt"
+    nano_orion.save(small_model(), folder)
+    shutil.copyfile(FIXTURES / "orion-mini-rmsnorm" / "tokenizer.model", folder / "tokenizer.model")
+    newer = small_model(n_layers=1, seed=1)
+    monkeypatch.setattr(checkpoint, "finish_save", lambda folder: None)  # as if killed at the commit point
+    nano_orion.save(newer, folder)
+    assert (folder / ".committed").is_dir()
+    loaded, tokenizer = nano_orion.load(folder)
+    assert_same_weights(loaded, newer)
+    assert tokenizer is not None
 
 
 def _mapped_files(tensor: torch.Tensor) -> set[str]:
