@@ -7,13 +7,11 @@ A nano_orion checkpoint is a folder:
     model-0000K-of-0000N.safetensors + model.safetensors.index.json when sharded
     tokenizer.model, tokenizer_config.json, generation_config.json   (copied when known)
 
-The readers here serve both formats (the released layout's, hf_layout.py, uses them too):
+The file readers here serve the released layout's reader (hf_layout.py) too:
 
-* Memory. Files are memory-mapped, never read whole: a tensor is paged in from disk when
-  used, and one weight file is touched at a time.
-* No copy. `load_nano` builds the model on the meta device and points its parameters at the
-  memory-mapped tensors (``load_state_dict(assign=True)``); when the file already holds
-  the requested dtype and the device is the CPU, the weights are never copied.
+* Memory. Files are memory-mapped, one at a time: a tensor is paged in from disk when used.
+  `load_nano` builds the model on the meta device and points its parameters at the mapped
+  tensors (``load_state_dict(assign=True)``): in the stored dtype on the CPU, no copy at all.
 * Safety. A pickle can run arbitrary code when loaded. Every ``.bin`` is opened with
   ``torch.load(weights_only=True)``, which only rebuilds plain tensors and containers and
   refuses anything else before running it, and ``mmap=True``.
@@ -21,9 +19,8 @@ The readers here serve both formats (the released layout's, hf_layout.py, uses t
   file, the problem and what to do; every tensor is checked against the shapes config.json
   implies (`expected_shapes`).
 
-Saving replaces the checkpoint in a folder at once (`saving`): the new files are written
-into a staging folder, committed with one rename, then linked into place. A reader sees the
-old checkpoint or the new one, never a mix, even when a save is killed halfway.
+Saving replaces a folder's checkpoint at once (`saving`), so that readers see the old one
+or the new one, never a mix, even when a save is killed halfway.
 """
 
 import json
@@ -236,16 +233,14 @@ def is_checkpoint_file(name: str) -> bool:
 
 @contextmanager
 def saving(folder):
-    """Yield an empty staging folder for a new checkpoint of `folder` (created if needed);
-    when the block ends without error, what it wrote replaces `folder`'s checkpoint at once.
+    """Yield an empty staging folder inside `folder` (created if needed); what the block
+    writes there replaces `folder`'s checkpoint at once. Other files (logs) stay.
 
-    The staging folder, inside `folder`, gets the block's files plus copies of the tokenizer
-    files of `folder` it did not write, so that it holds a complete checkpoint. One rename
-    makes it folder/.committed/: the commit point. From then on readers read it
-    (`checkpoint_dir`) while `finish_save` links its files into `folder`. An error or a kill
-    before the commit point leaves the previous checkpoint as it was (the staging folder of
-    a killed save is removed by the next save); a kill after it is finished by the next
-    save or `finish_save`. Other files in `folder` (logs) stay untouched."""
+    With copies of the tokenizer files it did not write, the staging folder holds a complete
+    checkpoint; one rename makes it folder/.committed/: the commit point. Readers read it
+    from then on (`checkpoint_dir`), while `finish_save` links its files into `folder`. An
+    error or a kill before the commit point changes nothing (the next save removes a killed
+    one's staging folder); a kill after it is finished by the next save or `finish_save`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     finish_save(folder)  # an earlier save killed after its commit point

@@ -1,22 +1,18 @@
 """The released Hugging Face layout of Orion-MoE8x7B: reading it, converting it to
 nano_orion's checkpoint format, and exporting back.
 
-The released folder holds ``config.json`` (Mixtral's key names, `config_from_hf`) and the
-weights, either pickled PyTorch files (``pytorch_model*.bin``) or safetensors
-(``model*.safetensors``), split into shards listed by an index (``*.index.json``:
-``{"weight_map": {key: shard file}}``) or in one file. Its tensor names follow Mixtral and
-keep one tensor per expert (``model.layers.N.block_sparse_moe.experts.E.w1.weight``);
+The released folder holds ``config.json`` under Mixtral's key names (`config_from_hf`) and
+the weights: pickled ``pytorch_model*.bin`` or ``model*.safetensors`` files, sharded with an
+index (``*.index.json``: ``{"weight_map": {key: shard file}}``) or in one file. Tensor names
+follow Mixtral, one tensor per expert (``model.layers.N.block_sparse_moe.experts.E.w1.weight``);
 nano_orion stacks each layer's experts into one (E, ...) tensor, so names are mapped and
-experts stacked on the way in (`read_hf`), unstacked on the way out (`export_hf`).
+experts stacked on the way in (`read_hf`), unstacked on the way out (`export_hf`). Which
+norm the model uses, LayerNorm (Orion-14B's) or RMSNorm (Mixtral's), config.json does not
+say: `norm_type_of` reads it from the tensors (docs/09_loading.md).
 
-One thing ``config.json`` does not say is which normalisation the model uses (see
-docs/09_loading.md): LayerNorm with bias, as in Orion-14B, or RMSNorm, as in Mixtral.
-`norm_type_of` decides it from the tensors: a ``.bias`` beside the norm weights means LayerNorm.
-
-Reading goes through checkpoint.py's safe, memory-mapped readers, one weight file at a
-time; converting keeps about one input shard plus one output shard in memory, and writes
-into a temporary folder beside the output that is renamed at the end, so a failure
-leaves nothing behind and changes nothing.
+Reading goes through checkpoint.py's safe, memory-mapped readers, one weight file at a time.
+Converting holds about one input and one output shard in memory and writes through
+atomic.atomic_folder, so a failure leaves nothing behind and changes nothing.
 """
 
 import json
@@ -38,38 +34,17 @@ from .placement import gb
 # ---- config.json ------------------------------------------------------------------------------
 
 # Our field name -> the released config.json key (Mixtral's names).
-_HF_KEYS = {
-    "vocab_size": "vocab_size",
-    "dim": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "ffn_dim": "intermediate_size",
-    "n_experts": "num_local_experts",
-    "top_k": "num_experts_per_tok",
-    "rope_theta": "rope_theta",
-    "norm_eps": "rms_norm_eps",
-}
+_HF_KEYS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
+            "n_heads": "num_attention_heads", "ffn_dim": "intermediate_size", "n_experts": "num_local_experts",
+            "top_k": "num_experts_per_tok", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps"}
 
 # The released file's remaining keys, which carry no information nano_orion uses.
 _HF_TEMPLATE = {
-    "architectures": ["OrionMOECausalLM"],
-    "model_type": "orion_moe",
-    "auto_map": {
-        "AutoConfig": "configuration_orion.OrionMOEConfig",
-        "AutoModelForCausalLM": "modeling_orion.OrionMOEForCausalLM",
-    },
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "initializer_range": 0.02,
-    "output_router_logits": False,
-    "pretraining_tp": 1,
-    "rope_scaling": None,
-    "router_jitter_noise": 0,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "use_cache": False,
+    "architectures": ["OrionMOECausalLM"], "model_type": "orion_moe",
+    "auto_map": {"AutoConfig": "configuration_orion.OrionMOEConfig", "AutoModelForCausalLM": "modeling_orion.OrionMOEForCausalLM"},
+    "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+    "output_router_logits": False, "pretraining_tp": 1, "rope_scaling": None, "router_jitter_noise": 0,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": False,
 }
 
 
@@ -88,14 +63,9 @@ def config_from_hf(src, norm_type: str | None = None) -> OrionConfig:
     missing = [k for k in _HF_KEYS.values() if k not in src]
     if missing:
         raise ValueError(f"config.json lacks the keys {missing}")
-    implemented = {  # what nano_orion implements, as in the released model
-        "rope_scaling": None,
-        "sliding_window": None,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "tie_word_embeddings": False,
-        "head_dim": src["hidden_size"] // src["num_attention_heads"],
-    }
+    # what nano_orion implements, as in the released model
+    implemented = {"rope_scaling": None, "sliding_window": None, "hidden_act": "silu", "attention_bias": False,
+                   "tie_word_embeddings": False, "head_dim": src["hidden_size"] // src["num_attention_heads"]}
     for key, supported in implemented.items():
         if src.get(key) not in (None, supported):
             raise ValueError(f"config.json has {key}={src[key]!r}; nano_orion implements only {supported!r}, as in the released model")
@@ -114,16 +84,10 @@ def config_to_hf(config: OrionConfig) -> dict:
     """The released ``config.json`` for this model, plus a ``norm_type`` key of ours."""
     d = dict(_HF_TEMPLATE)
     d.update({theirs: getattr(config, ours) for ours, theirs in _HF_KEYS.items()})
-    d.update(
-        num_key_value_heads=config.n_kv_heads,
-        max_position_embeddings=config.max_seq_len,
-        max_sequence_length=config.max_seq_len,
-        router_aux_loss_coef=config.router_aux_loss_coef,
-        bos_token_id=config.bos_id,
-        eos_token_id=config.eos_id,
-        pad_token_id=config.pad_id,
-        norm_type=config.norm_type,
-    )
+    d.update(num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
+             max_sequence_length=config.max_seq_len, router_aux_loss_coef=config.router_aux_loss_coef,
+             bos_token_id=config.bos_id, eos_token_id=config.eos_id, pad_token_id=config.pad_id,
+             norm_type=config.norm_type)
     return d
 
 
@@ -264,10 +228,12 @@ def _check_output(out: Path, src: Path, force: bool) -> None:
         raise CheckpointError(f"{out.parent}: no such folder; create it first")
 
 
-def _check_free_space(folder: Path, needed_bytes: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if free < needed_bytes:
-        raise CheckpointError(f"{folder}: {gb(free)} free, the output needs about {gb(needed_bytes)}; free some space or choose another OUT_DIR")
+def _check_free_space(out: Path, src: Path, config: OrionConfig, dtype) -> None:
+    """Room beside `out` for about the input's size (dtype None: kept as stored), or the parameters in `dtype`."""
+    needed = config.n_params() * dtype.itemsize if dtype else sum((src / f).stat().st_size for f in weight_files(src))
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise CheckpointError(f"{out.parent}: {gb(free)} free, the output needs about {gb(needed)}; free some space or choose another OUT_DIR")
 
 
 def _progress(tensors, total: int, desc: str):
@@ -284,19 +250,13 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
             shutil.copyfile(src / name, out / name)
 
 
-def _needed_bytes(config: OrionConfig, dtype, src: Path, files) -> int:
-    if dtype is None:  # kept as stored: about the size of the input
-        return sum((src / f).stat().st_size for f in files)
-    return config.n_params() * dtype.itemsize
-
-
 def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
     """Released layout in `src` -> nano_orion checkpoint in `out`, one input shard at a time."""
     src, out = Path(src), Path(out)
     config, tensors = read_hf(src, dtype)
     _check_output(out, src, force)
     with atomic_folder(out, replace=force) as tmp:  # here, what a killed run left beside `out` is gone
-        _check_free_space(out.parent, _needed_bytes(config, dtype, src, weight_files(src)))
+        _check_free_space(out, src, config, dtype)
         write_shards(_progress(tensors, len(expected_shapes(config)), "converting"), tmp, max_shard_bytes)
         write_config(tmp, config)
         _copy_tokenizer(src, tmp)
@@ -319,7 +279,7 @@ def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int =
 
     _check_output(out, src, force)
     with atomic_folder(out, replace=force) as tmp:
-        _check_free_space(out.parent, _needed_bytes(config, dtype, src, weight_files(src)))
+        _check_free_space(out, src, config, dtype)
         write_shards(hf_tensors(), tmp, max_shard_bytes)
         hf_config = config_to_hf(config)
         # The released config.json says "router_jitter_noise": 0, an int; transformers 5 checks
