@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_folder
 from .config import DTYPES, OrionConfig
 from .model import Orion
-from .placement import module_of, placement
+from .placement import module_of, place, placement
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
@@ -124,25 +124,21 @@ def weight_files(folder: Path) -> dict[str, list[str] | None]:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).exists():
             return {single: None}
-    raise CheckpointError(
-        f"{folder}: no weights found; expected model*.safetensors or pytorch_model*.bin, with an index file if sharded"
-    )
+    raise CheckpointError(f"{folder}: no weights found; expected model*.safetensors or pytorch_model*.bin, "
+                          "with an index file if sharded")
 
 
 def check_tensor(path: Path, key: str, tensor: torch.Tensor, shape: tuple) -> None:
     if tuple(tensor.shape) != shape:
-        raise CheckpointError(
-            f"{path}: {key} has shape {tuple(tensor.shape)}, config.json implies {shape}; "
-            "check that config.json belongs to these weights"
-        )
+        raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, config.json implies {shape}; "
+                              "check that config.json belongs to these weights")
     if tensor.dtype not in DTYPES.values():
         raise CheckpointError(f"{path}: {key} has unsupported dtype {tensor.dtype}; nano_orion reads {', '.join(DTYPES)} weights")
 
 
 def missing_tensors(folder: Path, names: list[str]) -> CheckpointError:
-    return CheckpointError(
-        f"{folder}: {len(names)} tensors missing, e.g. {', '.join(names[:3])}; the download is incomplete, fetch the weights again"
-    )
+    return CheckpointError(f"{folder}: {len(names)} tensors missing, e.g. {', '.join(names[:3])}; "
+                           "the download is incomplete, fetch the weights again")
 
 
 # ---- reading nano_orion's own format ------------------------------------------------------------
@@ -192,14 +188,13 @@ def write_shards(tensors, folder: Path, max_shard_bytes: int) -> None:
     """Write (name, tensor) pairs, in order, as safetensors shards of at most max_shard_bytes
     (a larger tensor gets a shard of its own): model.safetensors if one is enough, else
     model-0000K-of-0000N.safetensors + model.safetensors.index.json. Holds one shard in memory."""
-    shard, size, written = {}, 0, []  # written: (temporary file, its tensor names)
+    shard, size, total, written = {}, 0, 0, []  # written: (temporary file, its tensor names)
 
     def flush():
         path = folder / f"shard-{len(written):05d}.partial"
         save_file(shard, path, metadata={"format": "pt"})
         written.append((path, list(shard)))
 
-    total = 0
     for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > max_shard_bytes:
@@ -233,14 +228,12 @@ def is_checkpoint_file(name: str) -> bool:
 
 @contextmanager
 def saving(folder):
-    """Yield an empty staging folder inside `folder` (created if needed); what the block
-    writes there replaces `folder`'s checkpoint at once. Other files (logs) stay.
-
-    With copies of the tokenizer files it did not write, the staging folder holds a complete
-    checkpoint; one rename makes it folder/.committed/: the commit point. Readers read it
-    from then on (`checkpoint_dir`), while `finish_save` links its files into `folder`. An
-    error or a kill before the commit point changes nothing (the next save removes a killed
-    one's staging folder); a kill after it is finished by the next save or `finish_save`."""
+    """Yield an empty staging folder inside `folder` (created if needed); what the block writes
+    there replaces `folder`'s checkpoint at once (other files, such as logs, stay). Completed
+    with copies of the tokenizer files, one rename makes it folder/.committed/: the commit
+    point. Readers read it from then on (`checkpoint_dir`), while `finish_save` links its files
+    into `folder`. An error or a kill before the commit point changes nothing (the next save
+    removes a killed one's staging folder); a kill after it is finished by the next save."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     finish_save(folder)  # an earlier save killed after its commit point
@@ -293,6 +286,8 @@ def assemble(config: OrionConfig, tensors, device, dtype) -> Orion:
         model = Orion(config)
     model.load_state_dict(state, strict=True, assign=True)  # the tensors become the parameters
     model.init_rope(where["embed"])
+    if len(set(where.values())) > 1:  # split over devices: each module moves its inputs to its own
+        place(model, where)
     return model.eval()
 
 

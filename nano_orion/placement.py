@@ -2,15 +2,18 @@
 
 `placement` decides where each module goes: the embedding, then consecutive runs of layers,
 then the final norm with the head, each device taking a share of the bytes in proportion to
-its free memory (`plan_placement`, a pure function, tested without GPUs). During the forward
-pass the residual stream hops from one device to the next, so two 80 GB GPUs hold the
-96 GB of bf16 weights.
+its free memory (`plan_placement`, a pure function, tested without GPUs). `place` puts the
+modules there and has each move its inputs to its own device before it runs (a forward
+pre-hook), so the residual stream hops from one device to the next and the model's code
+knows nothing of devices: two 80 GB GPUs hold the 96 GB of bf16 weights.
 """
 
 import os
+from functools import partial
 from itertools import accumulate
 
 import torch
+from torch import nn
 
 from .config import OrionConfig
 
@@ -70,3 +73,22 @@ def placement(config: OrionConfig, shapes: dict[str, tuple], device, dtype: torc
     parts = [[m] for m in modules[:-2]] + [modules[-2:]]  # the final norm and the head stay together
     plan = plan_placement([sum(sizes[m] for m in part) for part in parts], [_free_bytes(d) for d in devices])
     return {m: devices[d] for part, d in zip(parts, plan) for m in part}
+
+
+def _inputs_to(device: torch.device, module: nn.Module, args: tuple, kwargs: dict):
+    """A forward pre-hook: the module's tensor arguments, moved to `device`; the rest as they are."""
+    def move(a):
+        return a.to(device) if isinstance(a, torch.Tensor) else a
+    return tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}
+
+
+def place(model: nn.Module, where: dict[str, torch.device]) -> None:
+    """Move each module of `where` (module name -> device, from `placement`) to its device,
+    and have it move its tensor inputs there before it runs. The model's own inputs go to the
+    embedding's device, where the RoPE tables are. The hooks stay with the modules: a model
+    placed on several devices is not meant to be moved again (model.to would leave them behind)."""
+    for name, device in where.items():
+        module = model.get_submodule(name)
+        module.to(device)
+        module.register_forward_pre_hook(partial(_inputs_to, device), with_kwargs=True)
+    model.register_forward_pre_hook(partial(_inputs_to, where["embed"]), with_kwargs=True)

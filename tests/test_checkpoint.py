@@ -1,4 +1,4 @@
-"""nano_orion's checkpoint format: save/load round trip, zero-copy loading, layer placement across devices."""
+"""nano_orion's checkpoint format: save/load round trip, atomic saves, zero-copy loading; layer placement across devices."""
 
 import shutil
 from pathlib import Path
@@ -10,7 +10,7 @@ import nano_orion
 from nano_orion import CheckpointError, OrionConfig, checkpoint
 from nano_orion.checkpoint import expected_shapes
 from nano_orion.hf_layout import convert_hf
-from nano_orion.placement import placement, plan_placement
+from nano_orion.placement import place, placement, plan_placement
 
 from conftest import FIXTURES, random_model
 
@@ -122,6 +122,23 @@ def test_load_splits_layers_over_a_list_of_devices(tmp_path, monkeypatch):
     assert torch.equal(out, nano_orion.generate(model, idx, max_new_tokens=5))
 
 
+def test_load_places_a_split_model_with_hooks(tmp_path, monkeypatch):
+    """Hooks only when the modules really are on several devices: here the head on "meta"."""
+    nano_orion.save(small_model(), tmp_path)
+    plain, _ = nano_orion.load(tmp_path, device=["cpu", "cpu"])  # one device after all
+    assert not any(m._forward_pre_hooks for m in plain.modules())
+
+    def head_on_meta(config, shapes, device, dtype):
+        return {**placement(config, shapes, "cpu", dtype), "norm": torch.device("meta"), "lm_head": torch.device("meta")}
+
+    monkeypatch.setattr(checkpoint, "placement", head_on_meta)
+    split, _ = nano_orion.load(tmp_path)
+    assert split.layers[2].moe.w1.device.type == "cpu" and split.lm_head.weight.is_meta
+    assert all(len(m._forward_pre_hooks) == 1 for m in (split, split.embed, *split.layers, split.norm, split.lm_head))
+    logits = split(torch.randint(0, 100, (2, 7)))
+    assert logits.is_meta and logits.shape == (2, 7, 100)
+
+
 def test_load_says_when_the_devices_are_too_small(tmp_path, monkeypatch):
     nano_orion.save(small_model(), tmp_path)
     monkeypatch.setattr("nano_orion.placement._free_bytes", lambda device: 1000)
@@ -163,3 +180,22 @@ def test_released_model_in_bf16_fits_two_80gb_gpus(monkeypatch):
     assert where["embed"].index == 0 and where["norm"].index == where["lm_head"].index == 1
     with pytest.raises(ValueError, match="the model needs 96.4 GB"):
         placement(config, expected_shapes(config), ["cuda:0"], torch.bfloat16)
+
+
+# ---- placing modules: each moves its inputs to its own device ----------------------------------------
+
+
+def test_placed_modules_move_their_inputs_to_their_device():
+    model = small_model()
+    idx = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        expected = model(idx)
+    where = placement(model.config, expected_shapes(model.config), ["cpu", "cpu"], torch.float32)
+    place(model, where)
+    assert all(len(model.get_submodule(name)._forward_pre_hooks) == 1 for name in where)
+    with torch.no_grad():
+        assert torch.equal(model(idx), expected)  # all on the CPU: the hooks move nothing
+    other = small_model()
+    place(other, {**where, "lm_head": torch.device("meta")})  # the head on another device (meta: shapes only)
+    x = torch.randn(2, 9, 32)
+    assert other.lm_head(x).is_meta and other.lm_head(input=x).is_meta  # positional and keyword inputs moved
