@@ -25,7 +25,6 @@ the uninterrupted run would have, and data-parallel ranks split one global batch
 import hashlib
 import json
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -97,11 +96,13 @@ def vocab_size_for(n_bytes: int, requested: int) -> int:
 
 
 def train_tokenizer(docs: list[str], model_prefix: Path, vocab_size: int) -> None:
-    """Sentencepiece BPE with byte fallback; writes model_prefix.model."""
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:
+    """Sentencepiece BPE with byte fallback; writes model_prefix.model. The text it trains on
+    is written to model_prefix.txt for the while (beside the model: inside `prepare`'s
+    temporary folder, which goes with a killed run's leftovers)."""
+    text_file = Path(f"{model_prefix}.txt")
+    with open(text_file, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(d if d.endswith("\n") else d + "\n")
-        text_file = f.name
     try:
         spm.SentencePieceTrainer.train(
             input=text_file,
@@ -129,7 +130,7 @@ def train_tokenizer(docs: list[str], model_prefix: Path, vocab_size: int) -> Non
         raise DataError(f"sentencepiece could not train a {vocab_size}-piece tokenizer on this corpus ({e}); "
                         "give --data more text or ask for a smaller --vocab-size") from None
     finally:
-        Path(text_file).unlink()
+        text_file.unlink()
 
 
 def fingerprint(files: list[Path], vocab_size: int, val_fraction: float) -> str:
