@@ -19,8 +19,7 @@ The file readers here serve the released layout's reader (hf_layout.py) too:
   file, the problem and what to do; every tensor is checked against the shapes config.json
   implies (`expected_shapes`).
 
-Saving replaces a folder's checkpoint at once (`saving`), so that readers see the old one
-or the new one, never a mix, even when a save is killed halfway.
+Saving replaces a folder's checkpoint at once (`saving`): readers see the old or the new one.
 """
 
 import json
@@ -229,11 +228,11 @@ def is_checkpoint_file(name: str) -> bool:
 @contextmanager
 def saving(folder):
     """Yield an empty staging folder inside `folder` (created if needed); what the block writes
-    there replaces `folder`'s checkpoint at once (other files, such as logs, stay). Completed
-    with copies of the tokenizer files, one rename makes it folder/.committed/: the commit
-    point. Readers read it from then on (`checkpoint_dir`), while `finish_save` links its files
-    into `folder`. An error or a kill before the commit point changes nothing (the next save
-    removes a killed one's staging folder); a kill after it is finished by the next save."""
+    there replaces `folder`'s checkpoint at once (other files, such as logs, stay). With copies
+    of the tokenizer files, one rename makes it folder/.committed/: the commit point, from which
+    readers read it (`checkpoint_dir`) while `finish_save` links its files into `folder`. A kill
+    before the commit point changes nothing (the next save removes the staging folder); a kill
+    after it is finished by the next save."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     finish_save(folder)  # an earlier save killed after its commit point
@@ -246,9 +245,8 @@ def saving(folder):
 
 
 def finish_save(folder) -> None:
-    """Put a committed save in place: link each of its files into `folder`, delete the
-    checkpoint files it lacks (an earlier save's shards or index, `is_checkpoint_file`),
-    then remove folder/.committed/. Repeating it after a kill finishes the job."""
+    """Put a committed save in place: link its files into `folder`, delete the checkpoint files it
+    lacks (an earlier save's shards or index), remove folder/.committed/. A kill? Run it again."""
     folder = Path(folder)
     committed = folder / COMMITTED
     if not committed.is_dir():
@@ -259,7 +257,10 @@ def finish_save(folder) -> None:
             f.unlink()
     for name in sorted(new):
         (folder / name).unlink(missing_ok=True)
-        os.link(committed / name, folder / name)  # a second name for the same file: no copy
+        try:
+            os.link(committed / name, folder / name)  # a second name for the same file: no copy
+        except OSError:  # a filesystem without hard links (FAT, some network drives)
+            shutil.copyfile(committed / name, folder / name)
     shutil.rmtree(committed)
 
 

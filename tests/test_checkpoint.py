@@ -1,5 +1,6 @@
 """nano_orion's checkpoint format: save/load round trip, atomic saves, zero-copy loading; layer placement across devices."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -67,6 +68,17 @@ def test_failed_save_changes_nothing(tmp_path, monkeypatch):
         nano_orion.save(small_model(n_layers=1, seed=1), folder)
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
     assert [f.name for f in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_saving_where_there_are_no_hard_links(tmp_path, monkeypatch):
+    def no_links(*args):
+        raise OSError(1, "Operation not permitted")  # as on FAT or some network drives
+
+    monkeypatch.setattr(os, "link", no_links)
+    model = small_model()
+    nano_orion.save(model, tmp_path)
+    assert_same_weights(nano_orion.load(tmp_path)[0], model)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_a_save_killed_after_its_commit_point_is_what_loads(tmp_path, monkeypatch):
