@@ -246,7 +246,7 @@ def saving(folder):
 
 def finish_save(folder) -> None:
     """Put a committed save in place: link its files into `folder`, delete the checkpoint files it
-    lacks (an earlier save's shards or index), remove folder/.committed/. A kill? Run it again."""
+    lacks (an earlier save's shards or index), remove folder/.committed/. Safe to repeat after a kill."""
     folder = Path(folder)
     committed = folder / COMMITTED
     if not committed.is_dir():
