@@ -12,7 +12,9 @@ one line naming the file, the problem and the fix, exits with status 1 and leave
 import argparse
 import sys
 
-from nano_orion.checkpoint import DTYPES, MAX_SHARD_BYTES, CheckpointError, convert_hf, export_hf
+from nano_orion.checkpoint import MAX_SHARD_BYTES, CheckpointError
+from nano_orion.config import DTYPES
+from nano_orion.hf_layout import convert_hf, export_hf
 
 
 def main(argv=None) -> int:

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 import nano_orion
 from nano_orion import Orion, OrionConfig, SamplingConfig, Tokenizer
-from nano_orion.checkpoint import is_checkpoint_file, read_nano
+from nano_orion.checkpoint import (MAX_SHARD_BYTES, checkpoint_dir, finish_save, read_nano, saving, write_config,
+                                   write_shards)
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
 from nano_orion.device import resolve_device
@@ -203,49 +204,27 @@ def gradient_sync(model, sync: bool):
 # ---- checkpoints -----------------------------------------------------------------------
 
 
-def commit_checkpoint(out_dir: Path) -> None:
-    """Move a COMPLETE-marked OUT_DIR/.saving/ into OUT_DIR (or finish moving it after a
-    kill), removing weight files of an earlier save that the new one does not have;
-    discard a .saving/ without the mark, which a kill left half-written. COMPLETE lists
-    the new checkpoint's files."""
-    saving = out_dir / ".saving"
-    if not saving.exists():
-        return
-    if (saving / "COMPLETE").exists():
-        files = (saving / "COMPLETE").read_text().split()  # the new checkpoint's files
-        for f in out_dir.iterdir():  # an earlier save's shards or index that this one lacks
-            if is_checkpoint_file(f.name) and f.name not in files:
-                f.unlink()
-        for name in files:
-            if (saving / name).exists():  # not yet moved (a kill may have interrupted the moves)
-                os.replace(saving / name, out_dir / name)
-    shutil.rmtree(saving)
-
-
 def save_checkpoint(out_dir: Path, model, optimizer, config, tokenizer_file: Path, train_state: dict, rank: int) -> None:
+    """Weights, tokenizer and train_state.pt (optimizer, step, RNG states) into OUT_DIR, as one commit."""
     # Every rank takes part in gathering the full (unsharded) state; rank 0 writes it.
     model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return
-    saving = out_dir / ".saving"
-    shutil.rmtree(saving, ignore_errors=True)
-    with torch.device("meta"):
-        export = Orion(config)
-    export.load_state_dict(model_state, assign=True)
-    nano_orion.save(export, saving)
-    shutil.copy(tokenizer_file, saving / "tokenizer.model")
-    (saving / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": False}) + "\n")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({**train_state, "optimizer": optim_state, "rng": rng}, saving / "train_state.pt")
-    (saving / "COMPLETE").write_text("\n".join(sorted(f.name for f in saving.iterdir())) + "\n")
-    commit_checkpoint(out_dir)
+    with saving(out_dir) as staging:
+        write_shards(model_state.items(), staging, MAX_SHARD_BYTES)
+        write_config(staging, config)
+        shutil.copy(tokenizer_file, staging / "tokenizer.model")
+        (staging / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": False}) + "\n")
+        torch.save({**train_state, "optimizer": optim_state, "rng": rng}, staging / "train_state.pt")
 
 
 def load_checkpoint(out_dir: Path, model, optimizer) -> dict:
-    state = torch.load(out_dir / "train_state.pt", weights_only=True)
-    model_state = dict(read_nano(out_dir)[1])  # one model.safetensors or shards, whichever save wrote
+    folder = checkpoint_dir(out_dir)  # weights and train state of one commit
+    state = torch.load(folder / "train_state.pt", weights_only=True)
+    model_state = dict(read_nano(folder)[1])  # one model.safetensors or shards, whichever save wrote
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(state["rng"]["torch"])
@@ -332,7 +311,7 @@ def main(argv=None):
             check_fills_block(split, args.block_size)
         except DataError as e:
             parser.error(f"{data_dir / name}: {e}")
-    if args.resume and not (out_dir / "train_state.pt").exists() and not (out_dir / ".saving" / "COMPLETE").exists():
+    if args.resume and not (checkpoint_dir(out_dir) / "train_state.pt").exists():
         parser.error(f"--resume: no checkpoint in {out_dir} (train_state.pt missing); train without --resume first")
     torch.manual_seed(args.seed)
     if args.fsdp:
@@ -362,7 +341,7 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
 
     if master:
-        commit_checkpoint(out_dir)  # finish (or discard) a save a kill interrupted
+        finish_save(out_dir)  # put in place a save that a kill interrupted after its commit point
     if world > 1:
         dist.barrier()
     step, tokens = 0, 0

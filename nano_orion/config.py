@@ -1,4 +1,4 @@
-"""The model's shape in one dataclass.
+"""The model's settings: its shape in one dataclass, the presets, the dtypes.
 
 Every size in nano_orion comes from an `OrionConfig`: the number of layers, heads,
 experts, the vocabulary. Two named presets are built in:
@@ -6,20 +6,21 @@ experts, the vocabulary. Two named presets are built in:
 * ``"orion-moe-8x7b"``: the released Orion-MoE8x7B (48.2 B parameters, 13.3 B active per token);
 * ``"toy"``: the same architecture shrunk until it trains in minutes on two CPU cores.
 
-`OrionConfig.from_hf_config` reads the released ``config.json`` (Mixtral's key names);
-`to_hf_config` writes it back. nano_orion's own checkpoints store `to_dict()`.
+nano_orion's own checkpoints store `to_dict()`; the released ``config.json``, under
+Mixtral's key names, is translated in hf_layout.py. `DTYPES` names the dtypes weights are
+stored and computed in.
 
-One thing ``config.json`` does not say is which normalisation the model uses (see
-docs/09_loading.md): LayerNorm with bias, as in Orion-14B, or RMSNorm, as in Mixtral.
-The loaders decide it from the checkpoint's tensors (a ``.bias`` beside the norm weights
-means LayerNorm) and pass it in as ``norm_type``.
+``norm_type`` is LayerNorm with bias, as in Orion-14B, or RMSNorm, as in Mixtral; for the
+released weights the loaders decide it from the checkpoint's tensors (docs/09_loading.md).
 """
 
-import json
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
+
+import torch
 
 NORM_TYPES = ("layernorm", "rmsnorm")
+# The dtypes nano_orion stores and computes weights in, by the names the command lines take.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -110,96 +111,6 @@ class OrionConfig:
             raise ValueError(f"unknown OrionConfig keys: {unknown}")
         return cls(**d)
 
-    # ---- the released (Hugging Face) config.json ------------------------------------
-
-    @classmethod
-    def from_hf_config(cls, src, norm_type: str | None = None) -> "OrionConfig":
-        """Read a released-style ``config.json`` (a dict, or a path to the file or its folder).
-
-        `norm_type` is not part of the published file; pass what the checkpoint's tensors
-        show. Without it, a ``"norm_type"`` key in the file is used (nano_orion's exports
-        write one), else ``"layernorm"``, Orion's own choice in Orion-14B.
-        """
-        if not isinstance(src, dict):
-            path = Path(src)
-            if path.is_dir():
-                path = path / "config.json"
-            src = json.loads(path.read_text())
-        missing = [k for k in _HF_KEYS.values() if k not in src]
-        if missing:
-            raise ValueError(f"config.json lacks the keys {missing}")
-        implemented = {  # what nano_orion implements, as in the released model
-            "rope_scaling": None,
-            "sliding_window": None,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "tie_word_embeddings": False,
-            "head_dim": src["hidden_size"] // src["num_attention_heads"],
-        }
-        for key, supported in implemented.items():
-            if src.get(key) not in (None, supported):
-                raise ValueError(f"config.json has {key}={src[key]!r}; nano_orion implements only {supported!r}, as in the released model")
-        values = {ours: src[theirs] for ours, theirs in _HF_KEYS.items()}
-        values["n_kv_heads"] = src.get("num_key_value_heads") or values["n_heads"]
-        values["max_seq_len"] = src.get("max_position_embeddings", cls.max_seq_len)
-        values["router_aux_loss_coef"] = src.get("router_aux_loss_coef", cls.router_aux_loss_coef)
-        for ours, theirs in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"), ("pad_id", "pad_token_id")):
-            if src.get(theirs) is not None:
-                values[ours] = src[theirs]
-        values["norm_type"] = norm_type or src.get("norm_type", "layernorm")
-        return cls(**values)
-
-    def to_hf_config(self) -> dict:
-        """The released ``config.json`` for this model, plus a ``norm_type`` key of ours."""
-        d = dict(_HF_TEMPLATE)
-        d.update({theirs: getattr(self, ours) for ours, theirs in _HF_KEYS.items()})
-        d.update(
-            num_key_value_heads=self.n_kv_heads,
-            max_position_embeddings=self.max_seq_len,
-            max_sequence_length=self.max_seq_len,
-            router_aux_loss_coef=self.router_aux_loss_coef,
-            bos_token_id=self.bos_id,
-            eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id,
-            norm_type=self.norm_type,
-        )
-        return d
-
-
-# Our field name -> the released config.json key (Mixtral's names).
-_HF_KEYS = {
-    "vocab_size": "vocab_size",
-    "dim": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "ffn_dim": "intermediate_size",
-    "n_experts": "num_local_experts",
-    "top_k": "num_experts_per_tok",
-    "rope_theta": "rope_theta",
-    "norm_eps": "rms_norm_eps",
-}
-
-# The released file's remaining keys, which carry no information nano_orion uses.
-_HF_TEMPLATE = {
-    "architectures": ["OrionMOECausalLM"],
-    "model_type": "orion_moe",
-    "auto_map": {
-        "AutoConfig": "configuration_orion.OrionMOEConfig",
-        "AutoModelForCausalLM": "modeling_orion.OrionMOEForCausalLM",
-    },
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "initializer_range": 0.02,
-    "output_router_logits": False,
-    "pretraining_tp": 1,
-    "rope_scaling": None,
-    "router_jitter_noise": 0,
-    "sliding_window": None,
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "use_cache": False,
-}
 
 PRESETS = {
     "orion-moe-8x7b": OrionConfig(),

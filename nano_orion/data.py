@@ -24,15 +24,14 @@ the uninterrupted run would have, and data-parallel ranks split one global batch
 
 import hashlib
 import json
-import shutil
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 import torch
 
+from .atomic import atomic_folder
 from .tokenizer import Tokenizer
 
 # Below this many pieces a BPE vocabulary is mostly the 256 byte pieces and the 3 specials.
@@ -97,11 +96,13 @@ def vocab_size_for(n_bytes: int, requested: int) -> int:
 
 
 def train_tokenizer(docs: list[str], model_prefix: Path, vocab_size: int) -> None:
-    """Sentencepiece BPE with byte fallback; writes model_prefix.model."""
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:
+    """Sentencepiece BPE with byte fallback; writes model_prefix.model. The text it trains on
+    is written to model_prefix.txt for the while (beside the model: inside `prepare`'s
+    temporary folder, which goes with a killed run's leftovers)."""
+    text_file = Path(f"{model_prefix}.txt")
+    with open(text_file, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(d if d.endswith("\n") else d + "\n")
-        text_file = f.name
     try:
         spm.SentencePieceTrainer.train(
             input=text_file,
@@ -129,7 +130,7 @@ def train_tokenizer(docs: list[str], model_prefix: Path, vocab_size: int) -> Non
         raise DataError(f"sentencepiece could not train a {vocab_size}-piece tokenizer on this corpus ({e}); "
                         "give --data more text or ask for a smaller --vocab-size") from None
     finally:
-        Path(text_file).unlink()
+        text_file.unlink()
 
 
 def fingerprint(files: list[Path], vocab_size: int, val_fraction: float) -> str:
@@ -143,7 +144,8 @@ def fingerprint(files: list[Path], vocab_size: int, val_fraction: float) -> str:
 def prepare(source=None, cache_dir="data", vocab_size: int = 4096, val_fraction: float = 0.1, log=print) -> Path:
     """Tokenizer and uint32 token files for `source` (None: the standard library), cached
     under cache_dir/<name>-<hash>/. Returns that folder. Written to a temporary folder
-    and renamed into place, so an interrupted run leaves nothing half-written."""
+    and renamed into place (atomic.atomic_folder), so an interrupted run leaves nothing
+    half-written, and the next run removes what a killed one left."""
     files = default_corpus() if source is None else source_files(source)
     name = "stdlib" if source is None else Path(source).name
     out = Path(cache_dir) / f"{name}-{fingerprint(files, vocab_size, val_fraction)}"
@@ -154,8 +156,7 @@ def prepare(source=None, cache_dir="data", vocab_size: int = 4096, val_fraction:
     vocab = vocab_size_for(n_bytes, vocab_size)
     log(f"preparing {out}: {len(docs)} documents, {n_bytes / 1e6:.1f} MB, training a {vocab}-piece tokenizer")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         train_tokenizer(docs, tmp / "tokenizer", vocab)
         tok = Tokenizer(tmp / "tokenizer.model")
         ids = np.concatenate([np.array(tok.encode(d) + [tok.eos_id], dtype=np.uint32) for d in docs])
@@ -165,10 +166,6 @@ def prepare(source=None, cache_dir="data", vocab_size: int = 4096, val_fraction:
         meta = {"source": str(source) if source else "python standard library", "files": len(files),
                 "vocab_size": tok.n_pieces, "train_tokens": len(ids) - n_val, "val_tokens": n_val}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"prepared {meta['train_tokens']:,} train and {n_val:,} val tokens")
     return out
 

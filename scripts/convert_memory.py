@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 from nano_orion import OrionConfig
-from nano_orion.checkpoint import expected_shapes, nano_name_to_hf
+from nano_orion.checkpoint import expected_shapes
+from nano_orion.hf_layout import config_to_hf, nano_name_to_hf
 
 
 def write_synthetic(folder: Path, config: OrionConfig, shard_bytes: int) -> None:
     """Random fp16 weights in the released layout, one shard in memory at a time."""
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config.to_hf_config()))
+    (folder / "config.json").write_text(json.dumps(config_to_hf(config)))
     shapes = expected_shapes(config)
     names = []  # released names and shapes, in the released order: expert 0's w1, w2, w3, expert 1's, ...
     for name, shape in shapes.items():

@@ -13,7 +13,6 @@ import torch
 
 import train
 from conftest import FIXTURES, ROOT, load_script
-from test_docs import one_thread, python_blocks  # noqa: F401  (one_thread: a fixture)
 
 generate = load_script("generate.py")
 CKPT = str(FIXTURES / "orion-mini-rmsnorm")  # vocab_size 576, max_seq_len 256
@@ -168,9 +167,11 @@ def test_makefile_and_readme_agree_on_the_torch_build():
         assert "on Linux, PyPI's default is the CUDA build" in text and "CPU index" in text
 
 
-def test_readme_python_api_runs_from_any_folder(tmp_path, monkeypatch, one_thread):
+def test_readme_python_api_runs_from_any_folder(tmp_path, monkeypatch, capsys):
+    refresh = load_script("scripts/refresh_docs.py")
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Python API"):]
-    (_, source), *_ = python_blocks(section)
+    first_block = refresh.parse(readme[readme.index("## Python API"):])[0]
     monkeypatch.chdir(tmp_path)
-    exec(compile(source, "README.md: Python API", "exec"), {})
+    with refresh.one_thread():
+        exec(compile(first_block.source, "README.md: Python API", "exec"), {})
+    assert capsys.readouterr().out.strip()  # it printed the generated text

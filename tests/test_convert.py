@@ -311,3 +311,26 @@ def test_config_that_does_not_parse(tmp_path, capsys):
     (src / "config.json").write_text(json.dumps(config))
     expect_error(capsys, tmp_path, src, f"{src / 'config.json'}: config.json lacks the keys ['num_local_experts']; restore the original")
     expect_error(capsys, tmp_path, tmp_path / "nowhere", f"{tmp_path / 'nowhere'}: no such folder")
+
+
+def test_a_conversion_killed_outright_is_cleaned_up_by_the_next(tmp_path):
+    """SIGKILL (what the out-of-memory killer sends) runs no cleanup: the temporary folder stays
+    until the next conversion beside it removes it."""
+    out = tmp_path / "out"
+    # convert.py itself, made to stop for good just before it writes config.json
+    stuck = ("import runpy, sys, time\n"
+             "import nano_orion.hf_layout\n"
+             "nano_orion.hf_layout.write_config = lambda *args: print('writing', flush=True) or time.sleep(600)\n"
+             f"sys.argv = ['convert.py', {str(RMSNORM)!r}, {str(out)!r}]\n"
+             f"runpy.run_path({str(ROOT / 'convert.py')!r}, run_name='__main__')\n")
+    child = subprocess.Popen([sys.executable, "-c", stuck], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert child.stdout.readline() == "writing\n"
+    finally:
+        child.kill()  # SIGKILL
+        child.wait()
+    (leftover,) = tmp_path.iterdir()
+    assert leftover.name.startswith(".out.partial-") and (leftover / "model.safetensors").exists()
+    assert run_main(RMSNORM, out) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

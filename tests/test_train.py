@@ -3,6 +3,7 @@
 import codecs
 import json
 import math
+import os
 import this
 
 import pytest
@@ -10,8 +11,13 @@ import torch
 
 import nano_orion
 import train
-from nano_orion import Orion, OrionConfig
+from nano_orion import Orion, OrionConfig, checkpoint
 from nano_orion.moe import load_balancing_loss
+
+from conftest import FIXTURES, load_script
+
+generate_cli = load_script("generate.py")
+TOKENIZER = FIXTURES / "orion-mini-rmsnorm" / "tokenizer.model"  # a real one: load() and generate.py read it
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, n_experts=4, top_k=2, max_seq_len=64)
 
@@ -151,24 +157,72 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, corpus, capsys):
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_interrupted_saves_never_mix_two_checkpoints(tmp_path):
-    files = ("model.safetensors", "config.json", "train_state.pt")
-    for f in files:
-        (tmp_path / f).write_text("old")
-    saving = tmp_path / ".saving"
-    # Killed while writing: no COMPLETE mark, the old checkpoint stays, the partial one goes.
-    saving.mkdir()
-    (saving / "model.safetensors").write_text("new")
-    train.commit_checkpoint(tmp_path)
-    assert [(tmp_path / f).read_text() for f in files] == ["old"] * 3 and not saving.exists()
-    # Killed while moving a complete one in: the next start finishes the move.
-    saving.mkdir()
-    for f in files:
-        (saving / f).write_text("new")
-    (saving / "COMPLETE").write_text("\n".join(files))  # the mark lists the new checkpoint's files
-    (saving / "model.safetensors").replace(tmp_path / "model.safetensors")  # the move got this far
-    train.commit_checkpoint(tmp_path)
-    assert [(tmp_path / f).read_text() for f in files] == ["new"] * 3 and not saving.exists()
+def save_at(out, model, step):
+    optimizer = torch.optim.AdamW(train.param_groups(model, 0.1))
+    train.save_checkpoint(out, model, optimizer, model.config, TOKENIZER, {"step": step, "tokens": 0}, rank=0)
+
+
+def assert_readers_see(out, model, step):
+    """nano_orion.load(), generate.py and --resume read `model`'s weights (and --resume its step)."""
+    loaded, tokenizer = nano_orion.load(out)
+    assert tokenizer is not None
+    for (name, a), b in zip(loaded.state_dict().items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    parser, args = generate_cli.parse_args(["--ckpt", str(out), "--device", "cpu"])
+    assert torch.equal(generate_cli.load(parser, args)[0].lm_head.weight, model.lm_head.weight)
+    fresh = Orion(model.config)
+    assert train.load_checkpoint(out, fresh, torch.optim.AdamW(train.param_groups(fresh, 0.1)))["step"] == step
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_killed_save_never_mixes_two_checkpoints(tmp_path, monkeypatch):
+    """A save is committed by one rename: killed before it, the previous checkpoint is what
+    every reader sees; killed after it, the new one, though its files are not yet in OUT_DIR.
+    (KeyboardInterrupt stands in for a SIGKILL: nothing catches it on the way out.)"""
+    torch.manual_seed(0)
+    config = OrionConfig.preset("toy", **TINY, vocab_size=64)
+    first, second = Orion(config), Orion(config)
+    out = tmp_path / "out"
+
+    def killed_after_commit(folder):
+        if (folder / ".committed").exists():
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # the first save, killed just after its commit point
+        m.setattr(checkpoint, "finish_save", killed_after_commit)
+        with pytest.raises(KeyboardInterrupt):
+            save_at(out, first, 1)
+    assert [p.name for p in out.iterdir()] == [".committed"]  # nothing in OUT_DIR itself yet
+    assert_readers_see(out, first, 1)
+
+    def killed_while_writing(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # the second save, killed while writing train_state.pt
+        m.setattr(torch, "save", killed_while_writing)
+        with pytest.raises(KeyboardInterrupt):
+            save_at(out, second, 2)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model",
+                                                     "tokenizer_config.json", "train_state.pt"]
+    assert_readers_see(out, first, 1)
+
+    linked = []
+
+    def link_twice(src, dst, link=os.link):
+        if len(linked) == 2:
+            raise KeyboardInterrupt
+        linked.append(dst)
+        link(src, dst)
+
+    with monkeypatch.context() as m:  # the second save again, killed while putting its files in place
+        m.setattr(os, "link", link_twice)
+        with pytest.raises(KeyboardInterrupt):
+            save_at(out, second, 2)
+    assert [p.name for p in linked] == ["config.json", "model.safetensors"]  # new weights, old train_state.pt
+    assert_readers_see(out, second, 2)
+    checkpoint.finish_save(out)  # what the next train.py started on OUT_DIR does first
+    assert ".committed" not in [p.name for p in out.iterdir()]
+    assert_readers_see(out, second, 2)
 
 
 def test_resume_reads_sharded_checkpoints(tmp_path):
