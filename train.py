@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -157,8 +158,26 @@ def losses(model, raw_model, x, y):
 # ---- devices and processes -------------------------------------------------------------
 
 
-def setup_device(args):
-    """-> (device, autocast dtype or None, rank, world_size); joins the torchrun group if there is one."""
+@dataclass
+class Process:
+    """Where this process trains: its device, the autocast dtype (None: float32), its rank
+    and the number of processes (torchrun's RANK and WORLD_SIZE; 0 and 1 without torchrun)."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    rank: int
+    world: int
+
+    @property
+    def master(self) -> bool:  # rank 0: prepares the data, logs, writes checkpoints
+        return self.rank == 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+
+
+def setup_process(args) -> Process:
+    """This process's device and dtype; joins the torchrun group if there is one."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device)  # resolved by parse_args: cpu, or cuda with this process's index
     if device.type == "cuda":
@@ -168,7 +187,7 @@ def setup_device(args):
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return device, (torch.bfloat16 if dtype == "bfloat16" else None), rank, world
+    return Process(device, torch.bfloat16 if dtype == "bfloat16" else None, rank, world)
 
 
 def spec_peak_flops(device_name: str) -> float | None:
@@ -244,6 +263,117 @@ def truncate_log(log_file: Path, step: int) -> None:
         log_file.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
 
 
+# ---- the pieces of main ------------------------------------------------------------------
+
+
+def prepare_data(parser, args, proc: Process, say) -> Path:
+    """The cached tokenizer and token files for --data: rank 0 prepares (or finds) them, the others wait."""
+    try:
+        data_dir = prepare(args.data, args.data_dir, args.vocab_size, log=say) if proc.master else None
+    except DataError as e:
+        parser.error(str(e))
+    if proc.world > 1:
+        shared = [data_dir]
+        dist.broadcast_object_list(shared)
+        data_dir = shared[0]
+    for name in ("train.bin", "val.bin"):
+        try:
+            check_fills_block(read_tokens(data_dir / name), args.block_size)
+        except DataError as e:
+            parser.error(f"{data_dir / name}: {e}")
+    return data_dir
+
+
+def model_config(parser, args, n_pieces: int) -> OrionConfig:
+    """--config's shape with the tokenizer's vocabulary (rounded up to a multiple of 64)."""
+    vocab_size = -(-n_pieces // 64) * 64
+    try:
+        if args.config in PRESETS:
+            config = OrionConfig.preset(args.config, vocab_size=vocab_size)
+        else:
+            config = OrionConfig.from_dict({**json.loads(Path(args.config).read_text()), "vocab_size": vocab_size})
+    except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid fields
+        parser.error(f"--config {args.config}: {e}")
+    if args.block_size > config.max_seq_len:
+        parser.error(f"--block-size {args.block_size} exceeds the model's max_seq_len {config.max_seq_len}")
+    return config
+
+
+def build_model(config: OrionConfig, proc: Process, fsdp: bool) -> Orion:
+    """The model with its initial weights (drawn from the seed set before), on this process's device."""
+    if not fsdp:
+        return Orion(config).to(proc.device)
+    from torch.distributed.fsdp import fully_shard
+
+    # Shard an empty (meta) model, then send each rank its shard of the weights rank 0 draws
+    # on the CPU, the ones a single process would: no GPU ever holds the whole model (rank
+    # 0's host memory does once: 4 bytes a parameter, 190 GB for orion-moe-8x7b).
+    with torch.device("meta"):
+        model = Orion(config)
+    for block in model.layers:  # each block's weights are gathered only while it runs
+        fully_shard(block)
+    fully_shard(model)
+    model.to_empty(device=proc.device)
+    model.init_rope(proc.device)
+    set_model_state_dict(model, Orion(config).state_dict() if proc.master else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def start_or_resume(parser, args, config, tokenizer_file: Path, model, optimizer, proc: Process, say) -> tuple[int, int]:
+    """-> (step, tokens) to continue from: those of --out-dir's checkpoint with --resume, else 0, 0."""
+    out_dir = Path(args.out_dir)
+    if proc.master:
+        finish_save(out_dir)  # put in place a save that a kill interrupted after its commit point
+    if proc.world > 1:
+        dist.barrier()
+    log_file = out_dir / "log.jsonl"
+    if not args.resume:
+        if proc.master:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            log_file.unlink(missing_ok=True)
+        return 0, 0
+    if not (checkpoint_dir(out_dir) / "train_state.pt").exists():
+        parser.error(f"--resume: no checkpoint in {out_dir} (train_state.pt missing); train without --resume first")
+    saved = json.loads((out_dir / "config.json").read_text())["config"]
+    if saved != config.to_dict() or (out_dir / "tokenizer.model").read_bytes() != tokenizer_file.read_bytes():
+        parser.error(f"--resume: the checkpoint in {out_dir} has another model shape or tokenizer; "
+                     "resume with the same --config, --data and --vocab-size")
+    state = load_checkpoint(out_dir, model, optimizer)
+    if proc.master:
+        truncate_log(log_file, state["step"])
+        say(f"resumed from {out_dir} at step {state['step']}")
+    return state["step"], state["tokens"]
+
+
+def train_step(model, raw_model, loss_fn, optimizer, tokens, step: int, args, config, proc: Process):
+    """One optimizer step over --grad-accum micro-batches of the step's global batch ->
+    (its cross-entropy and aux loss (2,), routed slots per expert (n_layers, n_experts)),
+    left on the device: nothing in a step waits for the host."""
+    stats, counts = torch.zeros(2, device=proc.device), 0
+    for micro in range(args.grad_accum):
+        x, y = get_batch(tokens, args.batch_size, args.block_size, args.seed, step,
+                         micro=micro * proc.world + proc.rank, n_micro=args.grad_accum * proc.world)
+        if proc.device.type == "cuda":  # from pinned memory, a copy does not wait for the GPU to finish its queue
+            x, y = x.pin_memory(), y.pin_memory()
+        x, y = x.to(proc.device, non_blocking=True), y.to(proc.device, non_blocking=True)
+        with gradient_sync(model, sync=micro == args.grad_accum - 1):
+            with proc.autocast():
+                ce, aux, c = loss_fn(model, raw_model, x, y)
+            ((ce + config.router_aux_loss_coef * aux) / args.grad_accum).backward()
+        stats += torch.stack([ce.detach(), aux.detach()]) / args.grad_accum
+        counts = counts + c
+    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats, counts
+
+
+def log_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 # ---- evaluation ------------------------------------------------------------------------
 
 
@@ -269,180 +399,103 @@ def sample_text(model, tokenizer, prompt_ids, device, n_tokens: int = 96) -> str
     return tokenizer.decode(prompt_ids) + "|>" + tokenizer.decode(out[0, len(prompt_ids):].tolist())
 
 
+def eval_sample_save(model, raw_model, optimizer, config, tokenizer, tokenizer_file, val_tokens, expert_load,
+                     step: int, tokens: int, args, proc: Process, say) -> None:
+    """Validation loss, a sample of text and each layer's expert load on screen, then a checkpoint."""
+    out_dir = Path(args.out_dir)
+    val_loss = evaluate(model, val_tokens, args, proc.device, proc.autocast())
+    if proc.master:
+        log_line(out_dir / "log.jsonl", {"kind": "eval", "step": step, "val_loss": val_loss})
+    say(f"step {step}: val loss {val_loss:.4f}")
+    if not args.fsdp:  # generating token by token would gather every layer each token
+        sample = sample_text(raw_model, tokenizer, val_tokens[:16].tolist(), proc.device)
+        say("  sample: " + sample.replace("\n", "\n  "))
+    say("  expert load (% of routed slots), layer by layer:\n" + "\n".join(
+        f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)))
+    t0 = time.perf_counter()
+    save_checkpoint(out_dir, raw_model, optimizer, config, tokenizer_file,
+                    {"step": step, "tokens": tokens, "args": vars(args)}, proc.rank)
+    seconds = time.perf_counter() - t0
+    if proc.master:
+        log_line(out_dir / "log.jsonl", {"kind": "save", "step": step, "folder": str(out_dir), "seconds": seconds})
+    say(f"step {step}: saved the checkpoint to {out_dir} in {seconds:.1f} s")
+
+
 # ---- training --------------------------------------------------------------------------
 
 
 def main(argv=None):
     """Train as the command line `argv` says; returns the trained model (this process's replica or shard)."""
     parser, args = parse_args(argv)
-    device, amp_dtype, rank, world = setup_device(args)
-    master = rank == 0
-    say = tqdm.write if master else (lambda *a, **k: None)
-    out_dir = Path(args.out_dir)
-    decay_iters = args.lr_decay_iters or args.max_iters
+    proc = setup_process(args)
+    say = tqdm.write if proc.master else (lambda *a, **k: None)
 
-    # Data: rank 0 prepares (or finds) the cached tokenizer and token files, the others wait.
-    try:
-        if master:
-            data_dir = prepare(args.data, args.data_dir, args.vocab_size, log=say)
-        if world > 1:
-            shared = [data_dir if master else None]
-            dist.broadcast_object_list(shared)
-            data_dir = shared[0]
-    except DataError as e:
-        parser.error(str(e))
+    # Data: the tokenizer and the token files (uint32, memory-mapped).
+    data_dir = prepare_data(parser, args, proc, say)
     train_tokens, val_tokens = read_tokens(data_dir / "train.bin"), read_tokens(data_dir / "val.bin")
     tokenizer_file = data_dir / "tokenizer.model"
     tokenizer = Tokenizer(tokenizer_file)
 
-    # Model: the preset's shape with the tokenizer's vocabulary (rounded up to a multiple of 64).
-    vocab_size = -(-tokenizer.n_pieces // 64) * 64
-    if args.config in PRESETS:
-        config = OrionConfig.preset(args.config, vocab_size=vocab_size)
-    else:
-        try:
-            config = OrionConfig.from_dict({**json.loads(Path(args.config).read_text()), "vocab_size": vocab_size})
-        except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid fields
-            parser.error(f"--config {args.config}: {e}")
-    if args.block_size > config.max_seq_len:
-        parser.error(f"--block-size {args.block_size} exceeds the model's max_seq_len {config.max_seq_len}")
-    for name, split in (("train.bin", train_tokens), ("val.bin", val_tokens)):
-        try:
-            check_fills_block(split, args.block_size)
-        except DataError as e:
-            parser.error(f"{data_dir / name}: {e}")
-    if args.resume and not (checkpoint_dir(out_dir) / "train_state.pt").exists():
-        parser.error(f"--resume: no checkpoint in {out_dir} (train_state.pt missing); train without --resume first")
+    # Model: raw_model is the Orion itself (sampled from, checkpointed); model what runs the steps.
+    config = model_config(parser, args, tokenizer.n_pieces)
     torch.manual_seed(args.seed)
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        # Shard an empty (meta) model, then send each rank its shard of the weights rank 0
-        # draws on the CPU, the ones a single process would: no GPU ever holds the whole model
-        # (rank 0's host memory does once: 4 bytes a parameter, 190 GB for orion-moe-8x7b).
-        with torch.device("meta"):
-            raw_model = Orion(config)
-        for block in raw_model.layers:  # each block's weights are gathered only while it runs
-            fully_shard(block)
-        fully_shard(raw_model)
-        raw_model.to_empty(device=device)
-        raw_model.init_rope(device)
-        set_model_state_dict(raw_model, Orion(config).state_dict() if master else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    else:
-        raw_model = Orion(config).to(device)  # the module itself: sampled from and checkpointed
-    model = raw_model
-    if world > 1 and not args.fsdp:
-        # Every parameter gets a gradient each step (an expert without tokens a zero one): no need to look for unused ones.
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    raw_model = build_model(config, proc, args.fsdp)
+    # Every parameter gets a gradient each step (an expert without tokens a zero one): DDP need not look for unused ones.
+    model = DDP(raw_model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None) \
+        if proc.world > 1 and not args.fsdp else raw_model
     loss_fn = torch.compile(losses) if args.compile else losses
+
+    # Optimizer, and where to start: step 0, or --out-dir's checkpoint.
     optimizer = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                                  fused=device.type in ("cpu", "cuda"))
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+                                  fused=proc.device.type in ("cpu", "cuda"))
+    step, tokens = start_or_resume(parser, args, config, tokenizer_file, raw_model, optimizer, proc, say)
 
-    if master:
-        finish_save(out_dir)  # put in place a save that a kill interrupted after its commit point
-    if world > 1:
-        dist.barrier()
-    step, tokens = 0, 0
-    if args.resume:
-        saved = json.loads((out_dir / "config.json").read_text())["config"]
-        if saved != config.to_dict() or (out_dir / "tokenizer.model").read_bytes() != tokenizer_file.read_bytes():
-            parser.error(f"--resume: the checkpoint in {out_dir} has another model shape or tokenizer; "
-                         "resume with the same --config, --data and --vocab-size")
-        state = load_checkpoint(out_dir, raw_model, optimizer)
-        step, tokens = state["step"], state["tokens"]
-        if master:
-            truncate_log(out_dir / "log.jsonl", step)
-            say(f"resumed from {out_dir} at step {step}")
-    elif master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "log.jsonl").unlink(missing_ok=True)
-
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * proc.world
     flops_per_token = 6 * config.n_active_params()  # forward 2N, backward 4N (attention scores left out)
-    peak = args.peak_flops or peak_flops(device, amp_dtype)
-    grouped = grouped_mm_runs(device, amp_dtype or torch.float32, config.dim, config.ffn_dim, args.compile)
+    peak = args.peak_flops or peak_flops(proc.device, proc.amp_dtype)
+    grouped = grouped_mm_runs(proc.device, proc.amp_dtype or torch.float32, config.dim, config.ffn_dim, args.compile)
     say("experts: " + ("one F.grouped_mm per projection for all of them" if grouped else
                        "one matmul per expert (F.grouped_mm does not run here for this dtype)"))
     say(f"{args.config}: {config.n_params() / 1e6:.2f} M parameters, {config.n_active_params() / 1e6:.2f} M active "
-        f"per token, vocab {config.vocab_size}; {world} process(es) on {device}, {amp_dtype or torch.float32}; "
-        f"{tokens_per_step:,} tokens per step; MFU relative to {peak / 1e12:.3g} TFLOP/s")
-    prompt_ids = val_tokens[:16].tolist()
-    log_file = out_dir / "log.jsonl"
+        f"per token, vocab {config.vocab_size}; {proc.world} process(es) on {proc.device}, "
+        f"{proc.amp_dtype or torch.float32}; {tokens_per_step:,} tokens per step; MFU relative to {peak / 1e12:.3g} TFLOP/s")
 
-    def log(record):
-        if master:
-            with open(log_file, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def eval_sample_save():
-        val_loss = evaluate(model, val_tokens, args, device, autocast)
-        log({"kind": "eval", "step": step, "val_loss": val_loss})
-        say(f"step {step}: val loss {val_loss:.4f}")
-        if not args.fsdp:  # generating token by token would gather every layer each token
-            say("  sample: " + sample_text(raw_model, tokenizer, prompt_ids, device).replace("\n", "\n  "))
-        say("  expert load (% of routed slots), layer by layer:\n" + "\n".join(
-            f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)))
-        t_save = time.perf_counter()
-        save_checkpoint(out_dir, raw_model, optimizer, config, tokenizer_file,
-                        {"step": step, "tokens": tokens, "args": vars(args)}, rank)
-        seconds = time.perf_counter() - t_save
-        log({"kind": "save", "step": step, "folder": str(out_dir), "seconds": seconds})
-        say(f"step {step}: saved the checkpoint to {out_dir} in {seconds:.1f} s")
-
-    bar = tqdm(total=args.max_iters, initial=step, disable=not master, dynamic_ncols=True, desc="train")
-    counts = torch.zeros(config.n_layers, config.n_experts, device=device)  # routed slots since the last log line
+    # The loop: a step; every --log-interval a log line; every --eval-interval an evaluation and a checkpoint.
+    bar = tqdm(total=args.max_iters, initial=step, disable=not proc.master, dynamic_ncols=True, desc="train")
+    counts = torch.zeros(config.n_layers, config.n_experts, device=proc.device)  # routed slots since the last log line
     expert_load = [[1 / config.n_experts] * config.n_experts] * config.n_layers
     t_log, tokens_log = time.perf_counter(), tokens
     while step < args.max_iters:
-        lr = lr_at(step, args.lr, args.warmup_iters, decay_iters)
+        lr = lr_at(step, args.lr, args.warmup_iters, args.lr_decay_iters or args.max_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats = torch.zeros(2, device=device)  # this step's cross-entropy and aux loss, summed over micro-batches
-        for micro in range(args.grad_accum):
-            x, y = get_batch(train_tokens, args.batch_size, args.block_size, args.seed, step,
-                             micro=micro * world + rank, n_micro=args.grad_accum * world)
-            if device.type == "cuda":  # from pinned memory, a copy does not wait for the GPU to finish its queue
-                x, y = x.pin_memory(), y.pin_memory()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with gradient_sync(model, sync=micro == args.grad_accum - 1):
-                with autocast:
-                    ce, aux, c = loss_fn(model, raw_model, x, y)
-                ((ce + config.router_aux_loss_coef * aux) / args.grad_accum).backward()
-            stats += torch.stack([ce.detach(), aux.detach()]) / args.grad_accum
-            counts += c
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += tokens_per_step
+        stats, step_counts = train_step(model, raw_model, loss_fn, optimizer, train_tokens, step, args, config, proc)
+        counts += step_counts
+        step, tokens = step + 1, tokens + tokens_per_step
         bar.update()
         if args.compile and step == 1:
-            breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-            say(f"torch.compile: the step compiled into graphs with {breaks} graph break(s)")
-
+            say(f"torch.compile: the step compiled with {sum(torch._dynamo.utils.counters['graph_break'].values())} graph break(s)")
         if step % args.log_interval == 0 or step == args.max_iters:
-            if world > 1:
+            if proc.world > 1:
                 dist.all_reduce(stats)
                 dist.all_reduce(counts)
-                stats /= world
-            loss, aux_loss = stats.tolist()
-            expert_load = (counts / counts.sum(-1, keepdim=True)).tolist()
+                stats /= proc.world
+            (loss, aux_loss), expert_load = stats.tolist(), (counts / counts.sum(-1, keepdim=True)).tolist()
             counts.zero_()
-            dt = time.perf_counter() - t_log
-            tok_s = (tokens - tokens_log) / dt
-            mfu = tok_s * flops_per_token / world / peak
+            tok_s = (tokens - tokens_log) / (time.perf_counter() - t_log)
+            mfu = tok_s * flops_per_token / proc.world / peak
             t_log, tokens_log = time.perf_counter(), tokens
-            log({"kind": "train", "step": step, "tokens": tokens, "loss": loss, "aux_loss": aux_loss, "lr": lr,
-                 "tokens_per_s": tok_s, "mfu": mfu, "expert_load": expert_load})
+            if proc.master:
+                log_line(Path(args.out_dir) / "log.jsonl", {"kind": "train", "step": step, "tokens": tokens, "loss": loss,
+                         "aux_loss": aux_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu, "expert_load": expert_load})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
         if step % args.eval_interval == 0 or step == args.max_iters:
             t_eval = time.perf_counter()
-            eval_sample_save()
+            eval_sample_save(model, raw_model, optimizer, config, tokenizer, tokenizer_file, val_tokens, expert_load,
+                             step, tokens, args, proc, say)
             t_log += time.perf_counter() - t_eval  # evaluation time is not training throughput
     bar.close()
-    if world > 1:
+    if proc.world > 1:
         dist.barrier()  # rank 0 may still be saving: tear the process group down together
         dist.destroy_process_group()
     return raw_model

@@ -88,7 +88,7 @@ if triton is not None:
 
     @torch.library.custom_op("nano_orion::expert_gemv", mutates_args=())
     def _expert_gemv_triton(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        R, (n_experts, n_out, n_in) = x.shape[0], w.shape
+        R, (_, n_out, n_in) = x.shape[0], w.shape
         x, w = x.contiguous(), w.contiguous()  # the kernel walks the last dimension with stride 1
         y = torch.empty(R, n_out, dtype=x.dtype, device=x.device)
         grid = lambda meta: (R, triton.cdiv(n_out, meta["BLOCK_O"]))  # noqa: E731

@@ -23,7 +23,6 @@ committing it: an output that changed may mean the prose around it needs a new w
 import argparse
 import contextlib
 import io
-import math
 import os
 import re
 import sys
