@@ -166,7 +166,7 @@ class MoE(nn.Module):
         x = x.reshape(B * T, D)
         probs, weights, experts = route(self.router(x), self.top_k)
         self.routing = (probs, experts)
-        return self.mix(x, weights, experts).view(B, T, D)
+        return self.mix(x, weights, experts).reshape(B, T, D)
 
     def mix(self, x, weights, experts):
         """sum_j weights[:, j] * expert_{experts[:, j]}(x), by the way that suits the work
