@@ -97,8 +97,25 @@ def test_main_draws_every_figure_and_skips_training_figures_without_a_log(tmp_pa
     out = tmp_path / "figures"
     make_figures.main(["--out", str(out)])
     assert sorted(p.name for p in out.iterdir()) == ["attention_masks.png", "gqa.png", "kv_cache.png", "moe_block.png",
-                                                    "rope_angles.png", "router.png"]
+                                                    "roofline.png", "rope_angles.png", "router.png"]
     assert "skipping expert_load.png, loss.png and collapse.png" in capsys.readouterr().out
+    assert (out / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_roofline_points_place_decode_left_of_the_ridge_and_prefill_right():
+    """Batch-1 decode does 2 FLOPs per weight it reads: 1 per byte in bf16, 2 in int8 (less
+    the scales); 64 streams read nearly every expert, so still far below the ridge; a 4k
+    prompt reads every expert once for 4096 tokens, far above it."""
+    assert make_figures.expected_experts(1) == 2
+    assert make_figures.expected_experts(8) == pytest.approx(7.199, abs=1e-3)
+    assert make_figures.expected_experts(64) == pytest.approx(8, abs=1e-6)
+    points = dict(make_figures.roofline_points())
+    ridge = make_figures.H100_SPEC_FLOPS / make_figures.H100_SPEC_BYTES_PER_S
+    assert ridge == pytest.approx(295, abs=1)
+    assert points["decode, batch 1, bf16"] == pytest.approx(1.0, rel=1e-3)
+    assert points["decode, batch 1, int8"] == pytest.approx(2.0, rel=2e-3) and points["decode, batch 1, int8"] < 2
+    assert 10 < points["decode, batch 64, bf16"] < 64 < ridge  # less than a dense model's 64: every expert is read
+    assert points["prefill, 4096 tokens, bf16"] > 3 * ridge
 
 
 
@@ -116,7 +133,7 @@ def test_training_figures_draw_from_two_logs(tmp_path, capsys):
     assert make_figures.run_config(runs["collapsed"]) is None
     out = tmp_path / "figures"
     make_figures.main(["--out", str(out), "--train-log", str(runs["balanced"]), "--collapse-log", str(runs["collapsed"])])
-    assert "wrote moe_block.png, gqa.png, kv_cache.png, rope_angles.png, attention_masks.png, router.png, " \
+    assert "wrote moe_block.png, gqa.png, kv_cache.png, rope_angles.png, attention_masks.png, router.png, roofline.png, " \
            "expert_load.png, loss.png, collapse.png" in capsys.readouterr().out
     for name in ("expert_load.png", "loss.png", "collapse.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
