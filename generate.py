@@ -169,10 +169,12 @@ def heading(prompt: int, n_prompts: int, sample: int, n_samples: int) -> str:
 def main(argv=None):
     p, args = parse_args(argv)
     model, tokenizer = load(p, args)
+    given = args.prompt is not None or args.prompt_file is not None or args.prompt_ids is not None
+    texts, ids = command_line_prompts(p, args, tokenizer, model.config) if given else (None, [[0]])  # interactive: one at a time
     decode_step = None
-    if args.compile:
+    if args.compile:  # compiled for the batch the prompts make, before any text is shown
         start = time.perf_counter()
-        decode_step = compile_decode_step(model)
+        decode_step = compile_decode_step(model, batch_size=len(ids), padded=len({len(i) for i in ids}) > 1)
         print(f"[compiled the decode step in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.no_repeat_ngram_size)
@@ -205,8 +207,8 @@ def main(argv=None):
             )
 
     try:
-        if args.prompt is not None or args.prompt_file is not None or args.prompt_ids is not None:
-            run(*command_line_prompts(p, args, tokenizer, model.config))
+        if given:
+            run(texts, ids)
         else:  # interactive
             while True:
                 try:

@@ -200,9 +200,11 @@ def peak_flops(device, amp_dtype) -> float:
     """FLOP/s the MFU is relative to: the spec sheet for known GPUs, else a measured matmul."""
     if device.type == "cuda" and (flops := spec_peak_flops(torch.cuda.get_device_name(device))):
         return flops
-    n = 1024
+    n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=amp_dtype or torch.float32)
     a @ a  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     reps, t0 = 3, time.perf_counter()
     for _ in range(reps):
         a @ a

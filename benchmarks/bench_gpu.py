@@ -8,7 +8,8 @@ compile_decode_step's CUDA graph for the compiled rows). One table:
   * int8, every layer: decode tok/s eager and compiled, the share of the bandwidth
     ceiling (the card's measured GEMV bandwidth / bytes read per token), time to first
     token of a 512-token prompt, decode speed after a 4k- and an 8k-token prompt (the model
-    card's long-input case), compile time, and whether compiled greedy tokens equal eager;
+    card's long-input case), compile time, whether compiled greedy tokens equal eager, and
+    the largest difference of their logits along the same tokens;
   * bf16 at every layer where it fits (e.g. one H200), else only the rows below;
   * bf16 at a depth that fits beside a transformers copy of the same weights: nano_orion
     eager and compiled against transformers eager.
@@ -30,7 +31,7 @@ from nano_orion.config import PRESETS
 from nano_orion.hf_mixtral import to_mixtral
 from nano_orion.model import Block, make_norm
 from nano_orion.quantize import Int8Linear, Int8MoE
-from nano_orion.sampler import compile_decode_step, generate
+from nano_orion.sampler import compile_decode_step, decode_step_of, generate
 
 
 def main(argv=None):
@@ -59,7 +60,7 @@ def main(argv=None):
     else:
         print(f"\nbf16 with {config.n_layers} layers needs {gb(weight_bytes(config, torch.bfloat16))} GB: more than this device has")
     rows.append(bench(replace(config, n_layers=args.hf_layers), False, args, bandwidth, with_transformers=True))
-    print_table(rows)
+    print_table(rows, args)
 
 
 def bench(config: OrionConfig, quantize: bool, args, bandwidth: float, with_transformers: bool = False) -> dict:
@@ -182,6 +183,20 @@ def decode_rate(model, prompt, n: int, decode_step=None) -> float:
     return (n - 2) / (t_n - t_2)
 
 
+@torch.inference_mode()
+def stepwise_logits(model, ids, prompt_len: int, decode_step) -> torch.Tensor:
+    """The logits (steps, vocab) of each decoding step after a prefill of ids[:, :prompt_len],
+    fed the tokens of `ids` whatever the step would have chosen (teacher forcing)."""
+    cache = model.new_cache(1, ids.shape[1])
+    model(ids[:, :prompt_len], cache=cache)
+    pos = torch.tensor(prompt_len, device=ids.device)
+    logits = []
+    for t in range(prompt_len, ids.shape[1]):
+        logits.append(decode_step(ids[:, t:t + 1], cache, pos, None)[:, -1].clone())  # clone: a CUDA graph reuses its output
+        pos += 1
+    return torch.cat(logits)
+
+
 def measure(label: str, model: Orion, args, bandwidth: float, with_transformers: bool = False) -> dict:
     device, c, n = model.embed.weight.device, model.config, args.new_tokens
     g = torch.Generator().manual_seed(0)
@@ -200,8 +215,13 @@ def measure(label: str, model: Orion, args, bandwidth: float, with_transformers:
         row["compiled"] = decode_rate(model, prompt, n, step)
         eager_ids = generate(model, prompt[:, :32], 32)
         row["same tokens"] = torch.equal(generate(model, prompt[:, :32], 32, decode_step=step), eager_ids)
+        # Random weights give near-flat logits, where rounding alone can flip a greedy choice:
+        # also compare the logits of every step, both fed the eager tokens.
+        eager_logits, compiled_logits = (stepwise_logits(model, eager_ids, 32, s) for s in (decode_step_of(model), step))
+        row["max dlogit"] = (compiled_logits - eager_logits).abs().max().item() / eager_logits.std().item()
         print(f"  compiled decode {row['compiled']:.1f} tok/s (compiling took {row['compile s']:.0f} s); "
-              f"compiled greedy tokens equal eager: {row['same tokens']}")
+              f"compiled greedy tokens equal eager: {row['same tokens']}; largest logit difference along them: "
+              f"{row['max dlogit']:.3f} logit standard deviations")
         for length in args.long:
             if length + n <= c.max_seq_len:
                 long_prompt = torch.randint(3, c.vocab_size, (1, length), generator=g).to(device)
@@ -226,11 +246,13 @@ def measure(label: str, model: Orion, args, bandwidth: float, with_transformers:
     return row
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], args) -> None:
     columns = [("GB/token", "GB read/token", "{:.2f}"), ("ceiling", "ceiling tok/s", "{:.0f}"), ("eager", "eager tok/s", "{:.1f}"),
-               ("compiled", "compiled tok/s", "{:.1f}"), ("share", "% of ceiling", "{:.0%}"), ("ttft", "TTFT 512 (s)", "{:.3f}"),
-               ("after 4096", "tok/s after 4k", "{:.1f}"), ("after 8192", "tok/s after 8k", "{:.1f}"),
+               ("compiled", "compiled tok/s", "{:.1f}"), ("share", "% of ceiling", "{:.0%}"),
+               ("ttft", f"TTFT {args.prompt_tokens} (s)", "{:.3f}"),
+               *[(f"after {n}", f"tok/s after {n}", "{:.1f}") for n in args.long],
                ("compile s", "compile (s)", "{:.0f}"), ("same tokens", "compiled = eager", "{}"),
+               ("max dlogit", "max |Δlogit| / std", "{:.3f}"),
                ("transformers", "transformers eager tok/s", "{:.1f}"), ("speed-up", "compiled / transformers", "{:.2f}x")]
     for row in rows:
         if "compiled" in row:

@@ -220,9 +220,12 @@ def write_config(folder: Path, config: OrionConfig) -> None:
 
 
 def is_checkpoint_file(name: str) -> bool:
-    """A file `save` writes: config.json, the weights and the index (not tokenizer or other files).
-    Files of this kind left by an earlier save with other sharding are stale and get replaced."""
-    return name in ("config.json", "model.safetensors", INDEX) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None
+    """A file of one save: config.json, the weights, the index, and train.py's train_state.pt
+    (not the tokenizer or other files). Files of this kind that a newer save lacks (shards of
+    other sharding; the optimizer state of a training save overwritten by a plain `save`) are
+    stale and get removed, so that weights never pair with another save's state."""
+    return (name in ("config.json", "model.safetensors", INDEX, "train_state.pt")
+            or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None)
 
 
 @contextmanager

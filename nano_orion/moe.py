@@ -157,11 +157,14 @@ class MoE(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E, F_, D))  # gate projection
         self.w3 = nn.Parameter(torch.empty(E, F_, D))  # up projection
         self.w2 = nn.Parameter(torch.empty(E, D, F_))  # down projection
+        self.routing = None  # (probs, experts) of the last forward pass
 
     def forward(self, x):
         """x (B, T, dim) -> y (B, T, dim). The routing is kept in self.routing: the router's
         probs (B*T, n_experts) and the chosen experts (B*T, top_k), for the load-balancing
-        loss and for inspection (Orion.routing gathers every layer's)."""
+        loss and for inspection (Orion.routing gathers every layer's). In a compiled decoding
+        step replayed as a CUDA graph they live in the graph's memory, which the next step
+        overwrites: read them before it, or clone them."""
         B, T, D = x.shape
         x = x.reshape(B * T, D)
         probs, weights, experts = route(self.router(x), self.top_k)

@@ -63,6 +63,7 @@ class Int8MoE(MoE):
         nn.Module.__init__(self)  # not MoE.__init__, which would allocate float expert weights
         self.top_k = moe.top_k
         self.router = moe.router.to(device)
+        self.routing = None
         for name in ("w1", "w3", "w2"):
             q, scale = quantize_int8(getattr(moe, name).detach().to(device))
             self.register_buffer(name, q)

@@ -121,16 +121,21 @@ def decode_step_of(model):
     return step
 
 
-def compile_decode_step(model, batch_size: int = 1):
+def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
     """decode_step_of(model) compiled for speed: the whole step one graph (fullgraph), its
-    shapes fixed but for the cache's length, and on a GPU captured as a CUDA graph
-    ("reduce-overhead") so that a token costs one launch. Compiling takes a while; it
-    happens here, on a short dummy generation of `batch_size` rows, not on the first
-    real tokens (a batch of another size, or with padding, compiles once more)."""
-    torch._inductor.config.coordinate_descent_tuning = True  # tune each kernel's blocks: bandwidth-bound GEMVs gain
+    shapes fixed but for the cache's length, and on a GPU captured as a CUDA graph (the
+    option of mode="reduce-overhead") so that a token costs one launch; coordinate-descent
+    tuning tunes each generated kernel's block sizes (bandwidth-bound GEMVs gain). Compiling
+    takes a while; it happens here, on a short dummy generation of `batch_size` rows
+    (left-padded if `padded`), not on the first real tokens. A batch of another size, or with
+    padding where the warm-up had none, compiles once more when it first runs."""
     device = model.embed.weight.device
-    step = torch.compile(decode_step_of(model), fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else None)
-    generate(model, torch.zeros(batch_size, 1, dtype=torch.long, device=device), 3, decode_step=step)
+    options = {"triton.cudagraphs": device.type == "cuda", "coordinate_descent_tuning": True}
+    step = torch.compile(decode_step_of(model), fullgraph=True, options=options)
+    idx = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+    pad_mask = torch.ones_like(idx, dtype=torch.bool)
+    pad_mask[0, 0] = False  # row 0 is one token shorter
+    generate(model, idx, 3, pad_mask=pad_mask if padded else None, decode_step=step)
     return step
 
 

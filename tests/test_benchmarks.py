@@ -1,9 +1,13 @@
 """The benchmark scripts run (tiny shapes, on the CPU): a GPU session's one prepared run
 must not be the first time their code executes."""
 
+import argparse
+
 import pytest
+import torch
 
 from benchmarks import bench_gpu, bench_train
+from nano_orion import Orion, OrionConfig
 
 
 def test_bench_gpu_runs_and_prints_its_table(capsys):
@@ -13,15 +17,26 @@ def test_bench_gpu_runs_and_prints_its_table(capsys):
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| model | GB read/token") and len(table) == 2 + 3  # header, rule, int8 + bf16 + bf16 beside transformers
     assert table[2].startswith("| int8, 2 layers |") and table[4].startswith("| bf16, 1 layers |")
+    assert "TTFT 8 (s)" in table[0] and "tok/s after 24" in table[0]
     assert "transformers eager decode" in out
+
+
+def test_bench_gpu_measures_a_compiled_step(capsys):
+    """The compiled rows: compile time, decoding after a longer prompt, and compiled against
+    eager (greedy tokens, and the logits along them, which must agree closely on the CPU)."""
+    config = bench_gpu.PRESETS["toy"]
+    model = bench_gpu.build_random(bench_gpu.replace(config, n_layers=1, norm_type="rmsnorm"), torch.device("cpu"),
+                                   torch.bfloat16, quantize=True)
+    options = argparse.Namespace(new_tokens=6, prompt_tokens=40, long=[48], no_compile=False)
+    row = bench_gpu.measure("int8, 1 layer", model, options, bandwidth=1e10)
+    assert row["compiled"] > 0 and row["after 48"] > 0 and row["compile s"] > 0
+    assert row["max dlogit"] < 0.05  # in logit standard deviations
+    assert "compiled greedy tokens equal eager" in capsys.readouterr().out
 
 
 def test_bench_gpu_counts_the_bytes_a_token_reads():
     """Everything but the embedding, and top_k of n_experts of the experts: for the real shape in
-    int8 that is the 13.3 GB the issue's ceiling is computed from (13.28 B active parameters)."""
-    import torch
-    from nano_orion import Orion, OrionConfig
-
+    bf16, 2 bytes per active parameter (13.28 B of them)."""
     with torch.device("meta"):
         model = Orion(OrionConfig.preset("orion-moe-8x7b", norm_type="rmsnorm")).to(torch.bfloat16)
     active = model.config.n_active_params()

@@ -44,13 +44,13 @@ def test_saving_again_replaces_the_weights_and_keeps_other_files(tmp_path):
     folder = tmp_path / "ckpt"
     nano_orion.save(small_model(n_layers=3), folder, max_shard_bytes=20_000)  # sharded, with an index
     assert (folder / "model.safetensors.index.json").exists()
-    (folder / "train_state.pt").write_bytes(b"not ours")
+    (folder / "notes.txt").write_bytes(b"not ours")
     (folder / "log.jsonl").write_text("{}\n")
     smaller = small_model(n_layers=1, seed=1)
     nano_orion.save(smaller, folder)  # one file: the old shards and index must go
     assert_same_weights(nano_orion.load(folder)[0], smaller)
-    assert sorted(f.name for f in folder.iterdir()) == ["config.json", "log.jsonl", "model.safetensors", "train_state.pt"]
-    assert (folder / "train_state.pt").read_bytes() == b"not ours"
+    assert sorted(f.name for f in folder.iterdir()) == ["config.json", "log.jsonl", "model.safetensors", "notes.txt"]
+    assert (folder / "notes.txt").read_bytes() == b"not ours"
     assert [f.name for f in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left beside it
 
 

@@ -2,6 +2,7 @@
 
 from unittest import mock
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
@@ -96,6 +97,28 @@ def test_grouped_dispatch_in_bfloat16_under_autocast():
     torch.testing.assert_close(fast, slow, atol=0.05 * slow.abs().max().item(), rtol=0)
     fast.square().sum().backward()
     assert w1.grad.dtype == torch.float32 and w1.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="F.grouped_mm's CUDA kernels need a GPU")
+def test_grouped_mm_on_the_gpu_with_blocks_of_any_size():
+    """On a GPU, bf16: forward and gradients against the float32 loop, with experts getting
+    token counts that are not multiples of 8 (and one getting none)."""
+    g = torch.Generator().manual_seed(0)
+    E, D, F_ = 8, 64, 128
+    experts = torch.tensor([[0, 1]] * 3 + [[1, 2]] * 5 + [[3, 5]] * 7 + [[6, 7]] * 2)  # expert 4: no tokens
+    weights = torch.rand(len(experts), 2, generator=g).softmax(-1)
+    x = torch.randn(len(experts), D, generator=g)
+    w = random_experts(g, E, D, F_)
+    args = [t.cuda().requires_grad_() for t in (x, *w)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = moe_grouped(args[0], weights.cuda(), experts.cuda(), *args[1:])
+    ref_args = [t.clone().requires_grad_() for t in (x, *w)]
+    slow = moe_reference(ref_args[0], weights, experts, *ref_args[1:])
+    scale = slow.abs().max().item()
+    torch.testing.assert_close(fast.float().cpu(), slow, atol=0.03 * scale, rtol=0)
+    probe = torch.randn(slow.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((fast.float().cpu() * probe).sum(), args), torch.autograd.grad((slow * probe).sum(), ref_args)):
+        torch.testing.assert_close(a.float().cpu(), b, atol=0.03 * b.abs().max().item(), rtol=0)
 
 
 @settings(max_examples=30, deadline=None)

@@ -225,7 +225,7 @@ def test_a_killed_save_never_mixes_two_checkpoints(tmp_path, monkeypatch):
     assert_readers_see(out, second, 2)
 
 
-def test_resume_reads_sharded_checkpoints(tmp_path):
+def test_resume_reads_sharded_checkpoints(tmp_path, monkeypatch):
     torch.manual_seed(0)
     config = OrionConfig.preset("toy", **TINY, vocab_size=64)
     model = Orion(config)
@@ -233,9 +233,8 @@ def test_resume_reads_sharded_checkpoints(tmp_path):
     train.losses(model, model, torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))[0].backward()
     optimizer.step()
     (tmp_path / "tok.model").write_bytes(b"any")
+    monkeypatch.setattr(train, "MAX_SHARD_BYTES", 100_000)  # what a model over 5 GB gets: shards + index
     train.save_checkpoint(tmp_path, model, optimizer, config, tmp_path / "tok.model", {"step": 7, "tokens": 0}, rank=0)
-    (tmp_path / "model.safetensors").unlink()
-    nano_orion.save(model, tmp_path, max_shard_bytes=100_000)  # what a model over 5 GiB gets: shards + index
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     fresh = Orion(config)
     fresh_optimizer = torch.optim.AdamW(train.param_groups(fresh, 0.1))
@@ -244,6 +243,19 @@ def test_resume_reads_sharded_checkpoints(tmp_path):
         assert torch.equal(a, b), name
     moments = [s["exp_avg"] for s in fresh_optimizer.state.values()]
     assert len(moments) == len(list(model.parameters())) and all(m.abs().sum() > 0 for m in moments)
+
+
+def test_a_plain_save_over_a_training_checkpoint_drops_its_optimizer_state(tmp_path):
+    """train_state.pt belongs to the weights saved with it: nano_orion.save writing other weights
+    into the folder removes it, so --resume cannot pair them with the old optimizer state."""
+    config = OrionConfig.preset("toy", **TINY, vocab_size=64)
+    model = Orion(config)
+    (tmp_path / "tok.model").write_bytes(b"any")
+    train.save_checkpoint(tmp_path, model, torch.optim.AdamW(train.param_groups(model, 0.1)), config,
+                          tmp_path / "tok.model", {"step": 3, "tokens": 0}, rank=0)
+    assert (tmp_path / "train_state.pt").exists()
+    nano_orion.save(model, tmp_path)
+    assert not (tmp_path / "train_state.pt").exists() and (tmp_path / "tokenizer.model").exists()
 
 
 def test_a_new_checkpoint_leaves_no_stale_shards(tmp_path):
