@@ -23,6 +23,7 @@ import torch
 
 import nano_orion
 from nano_orion.checkpoint import checkpoint_dir
+from nano_orion.cli import ArgumentParser
 from nano_orion.config import DTYPES
 from nano_orion.device import resolve_device
 from nano_orion.quantize import quantize_model
@@ -30,12 +31,6 @@ from nano_orion.sampler import ORION_DEMO, SamplingConfig, compile_decode_step
 from nano_orion.streaming import generate_text
 
 ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}  # what --stop's backslash escapes stand for
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """A usage error is one line on stderr (--help shows the usage), exit status 2."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def unescape(text: str) -> str:

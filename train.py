@@ -34,6 +34,7 @@ import nano_orion
 from nano_orion import Orion, OrionConfig, SamplingConfig, Tokenizer
 from nano_orion.checkpoint import (MAX_SHARD_BYTES, checkpoint_dir, finish_save, read_nano, saving, write_config,
                                    write_shards)
+from nano_orion.cli import ArgumentParser
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
 from nano_orion.device import resolve_device
@@ -43,12 +44,6 @@ from nano_orion.moe import expert_counts, grouped_mm_runs, load_balancing_loss
 # must be a whole word of torch.cuda.get_device_name(): "L4" is not "L40S", "A10" not "A10G".
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
                   "4090": 165e12}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """A usage error is one line on stderr (--help shows the usage), exit status 2."""
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
