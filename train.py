@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -141,9 +140,8 @@ def losses(model, raw_model, x, y):
     and each layer's routed-slot count per expert (n_layers, n_experts). model runs the
     forward pass (raw_model itself, or wrapped by DDP or torch.compile); raw_model's layers
     keep their routing."""
-    logits = model(x)
+    ce = model(x, targets=y)  # the logits are never whole: nano_orion/loss.py
     routers = raw_model.routing()  # each layer's (probs, experts)
-    ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
     aux = torch.stack([load_balancing_loss(probs, experts) for probs, experts in routers]).mean()
     n_experts = routers[0][0].shape[-1]
     counts = torch.stack([expert_counts(experts, n_experts) for _, experts in routers])
@@ -381,8 +379,7 @@ def evaluate(model, val, args, device, autocast) -> float:
     for i in range(args.eval_iters):
         x, y = get_batch(val, args.batch_size, args.block_size, seed=args.seed + 1, step=i)
         with autocast:
-            logits = model(x.to(device))
-        total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten()).item()
+            total += model(x.to(device), targets=y.to(device)).item()
     return total / args.eval_iters
 
 

@@ -5,6 +5,7 @@
         x = x + attention(norm1(x))                  # tokens exchange information
         x = x + moe(norm2(x))                        # each token is processed by its top_k experts
     logits = lm_head(norm(x))                        # (B, T, vocab_size), float32
+    (or, given the targets, the training loss straight from norm(x): loss.py)
 
 "Pre-norm": each sub-layer reads a normalised copy of x and adds its result back, so the
 residual stream x carries information from the embedding to the head unchanged.
@@ -23,6 +24,7 @@ from torch import nn
 
 from .attention import Attention, KVCache, attention_mask, token_positions
 from .config import OrionConfig
+from .loss import cross_entropy
 from .moe import MoE
 from .rope import rope_cos_sin
 
@@ -97,7 +99,7 @@ class Orion(nn.Module):
         dtype = self.embed.weight.dtype  # the activations' dtype (lm_head may be int8: quantize.py)
         return [block.attn.new_cache(batch_size, max_len, dtype) for block in self.layers]
 
-    def forward(self, idx, cache=None, start_pos=0, pad_mask=None, last_only: bool = False):
+    def forward(self, idx, cache=None, start_pos=0, pad_mask=None, last_only: bool = False, targets=None):
         """idx (B, T) int64 token ids -> logits (B, T, vocab_size) float32.
 
         cache, start_pos: with a cache from new_cache(), idx holds the tokens at positions
@@ -107,6 +109,8 @@ class Orion(nn.Module):
             Each row's positions count its real tokens only, so padding changes nothing.
         last_only: logits of the last position only, (B, 1, vocab_size): all that generating
             the next token needs (8192 positions of Orion's vocabulary are 3.7 GB in float32).
+        targets (B, T) int64: return the mean cross-entropy of predicting them instead of the
+            logits, a 0-d float32 tensor, computed without holding all the logits (loss.py).
         """
         B, T = idx.shape
         if not torch.is_tensor(start_pos):
@@ -124,7 +128,12 @@ class Orion(nn.Module):
             x = block(x, cos, sin, mask, None if cache is None else cache[i], slots)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x)).float()  # (B, T or 1, vocab_size)
+        x = self.norm(x)
+        if targets is not None:
+            if not isinstance(self.lm_head, nn.Linear):  # e.g. quantize.Int8Linear: its weight is not the matrix
+                raise ValueError("targets= needs a float output layer; for a quantized model, compute the cross-entropy of its logits")
+            return cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return self.lm_head(x).float()  # (B, T or 1, vocab_size)
 
     def routing(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's routing in the last forward pass: the router's probs (B*T, n_experts)

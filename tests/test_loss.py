@@ -1,0 +1,123 @@
+"""The chunked cross-entropy (nano_orion/loss.py) against torch's own F.cross_entropy of the logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from nano_orion import Orion, OrionConfig
+from nano_orion.loss import cross_entropy
+from nano_orion.quantize import quantize_model
+
+
+def problem(N, dim, vocab, seed, dtype=torch.float64, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(N, dim, generator=g, dtype=dtype) * scale).requires_grad_()
+    w = torch.randn(vocab, dim, generator=g, dtype=dtype).requires_grad_()
+    y = torch.randint(0, vocab, (N,), generator=g)
+    return h, w, y
+
+
+def value_and_grads(loss_fn, h, w, y, upstream=1.0):
+    loss = loss_fn(h, w, y)
+    grads = torch.autograd.grad(loss * upstream, (h, w))
+    return loss.detach(), grads
+
+
+@settings(max_examples=60, deadline=None)
+@given(N=st.integers(1, 40), dim=st.integers(1, 12), vocab=st.integers(1, 50), chunk=st.integers(1, 17),
+       seed=st.integers(0, 2**16), scale=st.sampled_from([0.1, 1.0, 30.0]), upstream=st.sampled_from([1.0, -2.5]))
+def test_value_and_gradients_equal_cross_entropy_of_the_logits(N, dim, vocab, chunk, seed, scale, upstream):
+    """Any number of positions, chunk sizes that do and do not divide it, logits from small to
+    large (30 x: rows whose exp would overflow without the max shift), and a backward pass
+    that does not start at 1 (the loss inside a bigger expression)."""
+    h, w, y = problem(N, dim, vocab, seed, scale=scale)
+    got, got_grads = value_and_grads(lambda h, w, y: cross_entropy(h, w, y, chunk), h, w, y, upstream)
+    want, want_grads = value_and_grads(lambda h, w, y: F.cross_entropy(F.linear(h, w), y), h, w, y, upstream)
+    assert got.dtype == torch.float32  # the softmax runs in float32, as under autocast: float32's tolerances
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_without_gradients_only_the_value_is_computed():
+    h, w, y = problem(37, 8, 30, seed=1)
+    with torch.no_grad():
+        got = cross_entropy(h, w, y, chunk_size=5)
+    assert got.grad_fn is None
+    torch.testing.assert_close(got.double(), F.cross_entropy(F.linear(h, w), y).detach(), rtol=1e-6, atol=0)
+    got = cross_entropy(h.detach(), w.detach(), y, chunk_size=5)  # nothing requires a gradient
+    assert got.grad_fn is None
+
+
+def test_under_bf16_autocast_it_matches_autocasts_own_linear_and_cross_entropy():
+    """Matmuls in bf16, softmax in float32, gradients in the inputs' dtype, as autocast does
+    for F.linear followed by F.cross_entropy."""
+    h, w, y = problem(300, 64, 500, seed=2, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_grads = value_and_grads(lambda h, w, y: cross_entropy(h, w, y, 64), h, w, y)
+        want, want_grads = value_and_grads(lambda h, w, y: F.cross_entropy(F.linear(h, w), y), h, w, y)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
+    for a, b in zip(got_grads, want_grads):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0.02 * b.abs().max().item())
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_no_tensor_of_all_the_logits_is_ever_made():
+    """The point of the chunks, checked on every tensor the forward and backward produce:
+    none is as large as N x vocab_size; the plain way makes several."""
+    N, vocab, chunk = 64, 1000, 16
+    h, w, y = problem(N, 8, vocab, seed=3, dtype=torch.float32)
+    with LargestTensor() as chunked:
+        cross_entropy(h, w, y, chunk).backward()
+    with LargestTensor() as plain:
+        F.cross_entropy(F.linear(h, w), y).backward()
+    assert plain.largest == N * vocab
+    assert chunked.largest == chunk * vocab
+
+
+def test_a_compiled_loss_is_one_graph_with_the_same_value_and_gradients():
+    h, w, y = problem(50, 16, 40, seed=4, dtype=torch.float32)
+    compiled = torch.compile(lambda h, w, y: cross_entropy(h, w, y, 16), fullgraph=True)  # fullgraph: no graph breaks
+    got, got_grads = value_and_grads(compiled, h, w, y)
+    want, want_grads = value_and_grads(lambda h, w, y: F.cross_entropy(F.linear(h, w), y), h, w, y)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_model_returns_the_loss_of_its_logits_given_targets():
+    torch.manual_seed(0)
+    model = Orion(OrionConfig.preset("toy", n_layers=2))
+    x, y = torch.randint(0, 4096, (3, 40)), torch.randint(0, 4096, (3, 40))
+    got = model(x, targets=y)
+    got_grads = torch.autograd.grad(got, list(model.parameters()))
+    want = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_quantized_model_refuses_targets_instead_of_reading_int8_as_weights():
+    model = quantize_model(Orion(OrionConfig.preset("toy", n_layers=1)))
+    x = torch.randint(0, 4096, (1, 8))
+    with pytest.raises(ValueError, match="float output layer"):
+        model(x, targets=x)
