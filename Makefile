@@ -72,7 +72,7 @@ bench: install
 GPU_OUT ?= out/gpu-check
 GPU_BENCH_ARGS ?=
 gpu-check:
-	$(PY) -m pytest -q tests/test_gemv.py tests/test_decode.py tests/test_moe.py tests/test_device.py
+	$(PY) -m pytest -q tests/test_gemv.py tests/test_decode.py tests/test_moe.py tests/test_device.py tests/test_loss.py
 	$(PY) train.py --device cuda --out-dir $(GPU_OUT) --max-iters 120 --eval-interval 60
 	$(PY) generate.py --ckpt $(GPU_OUT) --device cuda --compile --temperature 0 --max-new-tokens 64 \
 		--prompt "$$(printf 'class Parser:\n    def __init__(self')"

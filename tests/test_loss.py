@@ -124,3 +124,15 @@ def test_a_quantized_model_refuses_targets_instead_of_reading_int8_as_weights():
     x = torch.randint(0, 4096, (1, 8))
     with pytest.raises(ValueError, match="float output layer"):
         model(x, targets=x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU's chunks (4096 positions) and its bf16 matmuls")
+def test_on_the_gpu_under_bf16_autocast_it_matches_the_plain_loss():
+    h, w, y = (t.cuda() for t in problem(5000, 64, 3000, seed=5, dtype=torch.float32))  # two chunks, the second partial
+    h, w = h.detach().requires_grad_(), w.detach().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, got_grads = value_and_grads(cross_entropy, h, w, y)
+        want, want_grads = value_and_grads(lambda h, w, y: F.cross_entropy(F.linear(h, w), y), h, w, y)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=0)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.02 * b.abs().max().item())
