@@ -68,15 +68,17 @@ def test_under_bf16_autocast_it_matches_autocasts_own_linear_and_cross_entropy()
         torch.testing.assert_close(a, b, rtol=0, atol=0.02 * b.abs().max().item())
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an operation returns."""
+class Recorder(TorchDispatchMode):
+    """Records every operation run (its name) and the largest number of elements of any tensor
+    an operation returns."""
 
     def __init__(self):
         super().__init__()
-        self.largest = 0
+        self.ops, self.largest = [], 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.ops.append(func.overloadpacket.__name__)
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
@@ -88,12 +90,49 @@ def test_no_tensor_of_all_the_logits_is_ever_made():
     none is as large as N x vocab_size; the plain way makes several."""
     N, vocab, chunk = 64, 1000, 16
     h, w, y = problem(N, 8, vocab, seed=3, dtype=torch.float32)
-    with LargestTensor() as chunked:
+    with Recorder() as chunked:
         cross_entropy(h, w, y, chunk).backward()
-    with LargestTensor() as plain:
+    with Recorder() as plain:
         F.cross_entropy(F.linear(h, w), y).backward()
     assert plain.largest == N * vocab
     assert chunked.largest == chunk * vocab
+
+
+@pytest.mark.parametrize("needs, mm_per_chunk", [((False, False), 1), ((True, False), 2), ((False, True), 2), ((True, True), 3)])
+def test_only_the_gradients_asked_for_are_computed(needs, mm_per_chunk):
+    """One matmul per chunk for the logits, and one more for each gradient wanted: evaluation
+    (no gradients) and a frozen output layer (no gradient for w) do no wasted work."""
+    h, w, y = problem(40, 8, 30, seed=6, dtype=torch.float32)
+    h, w = h.detach().requires_grad_(needs[0]), w.detach().requires_grad_(needs[1])
+    with Recorder() as rec:
+        loss = cross_entropy(h, w, y, chunk_size=10)  # 4 chunks
+    assert rec.ops.count("mm") == 4 * mm_per_chunk
+    if any(needs):
+        got = torch.autograd.grad(loss, [t for t in (h, w) if t.requires_grad])
+        want = torch.autograd.grad(F.cross_entropy(F.linear(h, w), y), [t for t in (h, w) if t.requires_grad])
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def test_under_fp16_autocast_the_small_gradients_survive():
+    """float16 flushes (softmax - onehot) / N's small entries to zero when N is large; the
+    gradient is kept in float32 then. A GradScaler-like factor scales the loss, as fp16 training does."""
+    h, w, y = problem(8192, 32, 2048, seed=7, dtype=torch.float32)
+    w = (w.detach() * 0.1).requires_grad_()
+    exact = torch.autograd.grad(F.cross_entropy(F.linear(h, w), y), (h, w))
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = torch.autograd.grad(cross_entropy(h, w, y) * 65536, (h, w))
+    for a, b in zip(got, exact):
+        assert ((a / 65536 - b).norm() / b.norm()).item() < 1e-3  # measured 2e-5 and 2e-4; kept in fp16, 2-3%
+
+
+def test_mismatched_targets_and_second_derivatives_are_refused():
+    h, w, y = problem(37, 8, 30, seed=8)
+    with pytest.raises(ValueError, match="one target per row"):
+        cross_entropy(h, w, y[:1])
+    (grad_h,) = torch.autograd.grad(cross_entropy(h, w, y), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):  # first derivatives only: no silent zero
+        grad_h.sum().backward()
 
 
 def test_a_compiled_loss_is_one_graph_with_the_same_value_and_gradients():
