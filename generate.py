@@ -70,7 +70,7 @@ def parse_args(argv=None):
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
         p.error(f"--prompt-file {args.prompt_file}: no such file; give a text file holding the prompt")
     if args.prompt_ids is not None:
-        if not re.fullmatch(r"[0-9]+(,[0-9]+)*", args.prompt_ids.replace(" ", "")):
+        if not re.fullmatch(r"\s*[0-9]+(\s*,\s*[0-9]+)*\s*", args.prompt_ids):  # spaces only around the commas
             p.error(f"--prompt-ids {args.prompt_ids}: give token ids as comma-separated integers, e.g. 506,449,232")
         args.prompt_ids = [int(i) for i in args.prompt_ids.split(",")]
     args.stop = [unescape(s) for s in args.stop]
@@ -165,14 +165,16 @@ def main(argv=None):
     p, args = parse_args(argv)
     model, tokenizer = load(p, args)
     given = args.prompt is not None or args.prompt_file is not None or args.prompt_ids is not None
-    texts, ids = command_line_prompts(p, args, tokenizer, model.config) if given else (None, [[0]])  # interactive: one at a time
+    texts, ids = command_line_prompts(p, args, tokenizer, model.config) if given else (None, None)
     decode_step = None
-    if args.compile:  # compiled for the batch the prompts make, before any text is shown
+    if args.compile:  # compiled for the batch the prompts make (interactive: one at a time), before any text is shown
         start = time.perf_counter()
-        decode_step = compile_decode_step(model, batch_size=len(ids), padded=len({len(i) for i in ids}) > 1)
+        batch_size, padded = (len(ids), len({len(i) for i in ids}) > 1) if given else (1, False)
+        decode_step = compile_decode_step(model, batch_size, padded)
         print(f"[compiled the decode step in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.no_repeat_ngram_size)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
 
     def run(texts, ids):
         """Complete the prompts (texts, as token ids); one streams, several print when all are done."""

@@ -261,8 +261,9 @@ def truncate_log(log_file: Path, step: int) -> None:
 # ---- the pieces of main ------------------------------------------------------------------
 
 
-def prepare_data(parser, args, proc: Process, say) -> Path:
-    """The cached tokenizer and token files for --data: rank 0 prepares (or finds) them, the others wait."""
+def prepare_data(parser, args, proc: Process, say):
+    """The cached tokenizer and token files for --data: rank 0 prepares (or finds) them, the others
+    wait. -> (data folder, train tokens, val tokens), the tokens memory-mapped."""
     try:
         data_dir = prepare(args.data, args.data_dir, args.vocab_size, log=say) if proc.master else None
     except DataError as e:
@@ -271,12 +272,15 @@ def prepare_data(parser, args, proc: Process, say) -> Path:
         shared = [data_dir]
         dist.broadcast_object_list(shared)
         data_dir = shared[0]
+    splits = []
     for name in ("train.bin", "val.bin"):
         try:
-            check_fills_block(read_tokens(data_dir / name), args.block_size)
+            tokens = read_tokens(data_dir / name)
+            check_fills_block(tokens, args.block_size)
         except DataError as e:
             parser.error(f"{data_dir / name}: {e}")
-    return data_dir
+        splits.append(tokens)
+    return data_dir, *splits
 
 
 def model_config(parser, args, n_pieces: int) -> OrionConfig:
@@ -328,7 +332,7 @@ def start_or_resume(parser, args, config, tokenizer_file: Path, model, optimizer
             out_dir.mkdir(parents=True, exist_ok=True)
             log_file.unlink(missing_ok=True)
         return 0, 0
-    if not (checkpoint_dir(out_dir) / "train_state.pt").exists():
+    if not (out_dir / "train_state.pt").exists():  # a committed save was put in place above
         parser.error(f"--resume: no checkpoint in {out_dir} (train_state.pt missing); train without --resume first")
     saved = json.loads((out_dir / "config.json").read_text())["config"]
     if saved != config.to_dict() or (out_dir / "tokenizer.model").read_bytes() != tokenizer_file.read_bytes():
@@ -341,7 +345,7 @@ def start_or_resume(parser, args, config, tokenizer_file: Path, model, optimizer
     return state["step"], state["tokens"]
 
 
-def train_step(model, raw_model, loss_fn, optimizer, tokens, step: int, args, config, proc: Process):
+def train_step(model, raw_model, loss_fn, optimizer, tokens, step: int, args, proc: Process):
     """One optimizer step over --grad-accum micro-batches of the step's global batch ->
     (its cross-entropy and aux loss (2,), routed slots per expert (n_layers, n_experts)),
     left on the device: nothing in a step waits for the host."""
@@ -355,7 +359,7 @@ def train_step(model, raw_model, loss_fn, optimizer, tokens, step: int, args, co
         with gradient_sync(model, sync=micro == args.grad_accum - 1):
             with proc.autocast():
                 ce, aux, c = loss_fn(model, raw_model, x, y)
-            ((ce + config.router_aux_loss_coef * aux) / args.grad_accum).backward()
+            ((ce + raw_model.config.router_aux_loss_coef * aux) / args.grad_accum).backward()
         stats += torch.stack([ce.detach(), aux.detach()]) / args.grad_accum
         counts = counts + c
     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
@@ -364,9 +368,11 @@ def train_step(model, raw_model, loss_fn, optimizer, tokens, step: int, args, co
     return stats, counts
 
 
-def log_line(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def log_line(args, proc: Process, record: dict) -> None:
+    """Append a record to --out-dir's log.jsonl; rank 0 writes the one log of the run."""
+    if proc.master:
+        with open(Path(args.out_dir) / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 # ---- evaluation ------------------------------------------------------------------------
@@ -393,13 +399,12 @@ def sample_text(model, tokenizer, prompt_ids, device, n_tokens: int = 96) -> str
     return tokenizer.decode(prompt_ids) + "|>" + tokenizer.decode(out[0, len(prompt_ids):].tolist())
 
 
-def eval_sample_save(model, raw_model, optimizer, config, tokenizer, tokenizer_file, val_tokens, expert_load,
+def eval_sample_save(model, raw_model, optimizer, tokenizer, tokenizer_file, val_tokens, expert_load,
                      step: int, tokens: int, args, proc: Process, say) -> None:
     """Validation loss, a sample of text and each layer's expert load on screen, then a checkpoint."""
     out_dir = Path(args.out_dir)
     val_loss = evaluate(model, val_tokens, args, proc.device, proc.autocast())
-    if proc.master:
-        log_line(out_dir / "log.jsonl", {"kind": "eval", "step": step, "val_loss": val_loss})
+    log_line(args, proc, {"kind": "eval", "step": step, "val_loss": val_loss})
     say(f"step {step}: val loss {val_loss:.4f}")
     if not args.fsdp:  # generating token by token would gather every layer each token
         sample = sample_text(raw_model, tokenizer, val_tokens[:16].tolist(), proc.device)
@@ -407,11 +412,10 @@ def eval_sample_save(model, raw_model, optimizer, config, tokenizer, tokenizer_f
     say("  expert load (% of routed slots), layer by layer:\n" + "\n".join(
         f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)))
     t0 = time.perf_counter()
-    save_checkpoint(out_dir, raw_model, optimizer, config, tokenizer_file,
+    save_checkpoint(out_dir, raw_model, optimizer, raw_model.config, tokenizer_file,
                     {"step": step, "tokens": tokens, "args": vars(args)}, proc.rank)
     seconds = time.perf_counter() - t0
-    if proc.master:
-        log_line(out_dir / "log.jsonl", {"kind": "save", "step": step, "folder": str(out_dir), "seconds": seconds})
+    log_line(args, proc, {"kind": "save", "step": step, "folder": str(out_dir), "seconds": seconds})
     say(f"step {step}: saved the checkpoint to {out_dir} in {seconds:.1f} s")
 
 
@@ -425,8 +429,7 @@ def main(argv=None):
     say = tqdm.write if proc.master else (lambda *a, **k: None)
 
     # Data: the tokenizer and the token files (uint32, memory-mapped).
-    data_dir = prepare_data(parser, args, proc, say)
-    train_tokens, val_tokens = read_tokens(data_dir / "train.bin"), read_tokens(data_dir / "val.bin")
+    data_dir, train_tokens, val_tokens = prepare_data(parser, args, proc, say)
     tokenizer_file = data_dir / "tokenizer.model"
     tokenizer = Tokenizer(tokenizer_file)
 
@@ -449,7 +452,7 @@ def main(argv=None):
     peak = args.peak_flops or peak_flops(proc.device, proc.amp_dtype)
     grouped = grouped_mm_runs(proc.device, proc.amp_dtype or torch.float32, config.dim, config.ffn_dim, args.compile)
     say("experts: " + ("one F.grouped_mm per projection for all of them" if grouped else
-                       "one matmul per expert (F.grouped_mm does not run here for this dtype)"))
+                       "one matmul per expert (F.grouped_mm does not run here: moe.grouped_mm_runs)"))
     say(f"{args.config}: {config.n_params() / 1e6:.2f} M parameters, {config.n_active_params() / 1e6:.2f} M active "
         f"per token, vocab {config.vocab_size}; {proc.world} process(es) on {proc.device}, "
         f"{proc.amp_dtype or torch.float32}; {tokens_per_step:,} tokens per step; MFU relative to {peak / 1e12:.3g} TFLOP/s")
@@ -463,7 +466,7 @@ def main(argv=None):
         lr = lr_at(step, args.lr, args.warmup_iters, args.lr_decay_iters or args.max_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        stats, step_counts = train_step(model, raw_model, loss_fn, optimizer, train_tokens, step, args, config, proc)
+        stats, step_counts = train_step(model, raw_model, loss_fn, optimizer, train_tokens, step, args, proc)
         counts += step_counts
         step, tokens = step + 1, tokens + tokens_per_step
         bar.update()
@@ -479,13 +482,12 @@ def main(argv=None):
             tok_s = (tokens - tokens_log) / (time.perf_counter() - t_log)
             mfu = tok_s * flops_per_token / proc.world / peak
             t_log, tokens_log = time.perf_counter(), tokens
-            if proc.master:
-                log_line(Path(args.out_dir) / "log.jsonl", {"kind": "train", "step": step, "tokens": tokens, "loss": loss,
-                         "aux_loss": aux_loss, "lr": lr, "tokens_per_s": tok_s, "mfu": mfu, "expert_load": expert_load})
+            log_line(args, proc, {"kind": "train", "step": step, "tokens": tokens, "loss": loss, "aux_loss": aux_loss,
+                                  "lr": lr, "tokens_per_s": tok_s, "mfu": mfu, "expert_load": expert_load})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
         if step % args.eval_interval == 0 or step == args.max_iters:
             t_eval = time.perf_counter()
-            eval_sample_save(model, raw_model, optimizer, config, tokenizer, tokenizer_file, val_tokens, expert_load,
+            eval_sample_save(model, raw_model, optimizer, tokenizer, tokenizer_file, val_tokens, expert_load,
                              step, tokens, args, proc, say)
             t_log += time.perf_counter() - t_eval  # evaluation time is not training throughput
     bar.close()

@@ -30,7 +30,7 @@ from nano_orion import Orion, OrionConfig
 from nano_orion.config import PRESETS
 from nano_orion.hf_mixtral import to_mixtral
 from nano_orion.model import Block, make_norm
-from nano_orion.quantize import Int8Linear, Int8MoE
+from nano_orion.quantize import Int8Linear, quantize_block
 from nano_orion.sampler import compile_decode_step, decode_step_of, generate
 
 
@@ -91,9 +91,7 @@ def build_random(config: OrionConfig, device, dtype, quantize: bool) -> Orion:
         with torch.device(device):
             block = random_(Block(config)).to(dtype)
         if quantize:
-            for name in ("wq", "wk", "wv", "wo"):
-                setattr(block.attn, name, Int8Linear(getattr(block.attn, name)))
-            block.moe = Int8MoE(block.moe)
+            quantize_block(block)
         model.layers[i] = block
     model.norm = make_norm(config).to(device, dtype)
     model.lm_head = random_(nn.Linear(config.dim, config.vocab_size, bias=False, device=device, dtype=dtype))
@@ -178,14 +176,11 @@ def gemv_bandwidth(device) -> float:
     return w.numel() * w.element_size() / t
 
 
-def decode_rate(model, prompt, n: int, decode_step=None) -> float:
-    """Tokens per second of decoding alone: (n - 2) / (time of n tokens - time of 2). Both
-    include the prefill, and the first decoding step, where a compiled step records a CUDA
-    graph for the generation's new KV cache."""
-    device = prompt.device
-    t_n = timed(lambda: generate(model, prompt, n, decode_step=decode_step), device)
-    t_2 = timed(lambda: generate(model, prompt, 2, decode_step=decode_step), device)
-    return (n - 2) / (t_n - t_2)
+def decode_rate(generate_k, n: int, device) -> float:
+    """Tokens per second of decoding alone, generate_k(k) generating k tokens: (n - 2) / (time of
+    n tokens - time of 2). Both include the prefill, and the first decoding step, where a
+    compiled step records a CUDA graph for the generation's new KV cache."""
+    return (n - 2) / (timed(lambda: generate_k(n), device) - timed(lambda: generate_k(2), device))
 
 
 @torch.inference_mode()
@@ -206,18 +201,18 @@ def measure(label: str, model: Orion, args, bandwidth: float, with_transformers:
     device, c, n = model.embed.weight.device, model.config, args.new_tokens
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, c.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
-    row = {"label": label, "GB/token": bytes_per_token(model) / 1e9}
-    row["ceiling"] = bandwidth / bytes_per_token(model)
+    read = bytes_per_token(model)
+    row = {"label": label, "GB/token": read / 1e9, "ceiling": bandwidth / read}
     print(f"\n{label}: {gb(sum(t.numel() * t.element_size() for t in model.state_dict().values()))} GB of weights, "
           f"{row['GB/token']:.2f} GB read per token: ceiling {row['ceiling']:.0f} tok/s")
-    row["eager"] = decode_rate(model, prompt, n)
+    row["eager"] = decode_rate(lambda k: generate(model, prompt, k), n, device)
     print(f"  eager decode {row['eager']:.1f} tok/s")
     row["ttft"] = timed(lambda: generate(model, prompt, 1), device)
     if not args.no_compile:
         t0 = time.perf_counter()
         step = compile_decode_step(model)
         row["compile s"] = time.perf_counter() - t0
-        row["compiled"] = decode_rate(model, prompt, n, step)
+        row["compiled"] = decode_rate(lambda k: generate(model, prompt, k, decode_step=step), n, device)
         eager_ids = generate(model, prompt[:, :32], 32)
         row["same tokens"] = torch.equal(generate(model, prompt[:, :32], 32, decode_step=step), eager_ids)
         # Random weights give near-flat logits, where rounding alone can flip a greedy choice, and
@@ -232,7 +227,7 @@ def measure(label: str, model: Orion, args, bandwidth: float, with_transformers:
               f"standard deviations: {row['dlogit']:.3f} in the median step, {per_step.max().item():.3f} at most")
         for length in args.long:
             long_prompt = torch.randint(3, c.vocab_size, (1, length), generator=g).to(device)
-            row[f"after {length}"] = decode_rate(model, long_prompt, n, step)
+            row[f"after {length}"] = decode_rate(lambda k: generate(model, long_prompt, k, decode_step=step), n, device)
             print(f"  compiled decode after a {length}-token prompt: {row[f'after {length}']:.1f} tok/s")
         del step
         release_memory()
@@ -245,8 +240,7 @@ def measure(label: str, model: Orion, args, bandwidth: float, with_transformers:
             return hf.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, attention_mask=torch.ones_like(prompt))
 
         hf_generate(2)
-        t_n, t_2 = timed(lambda: hf_generate(n), device), timed(lambda: hf_generate(2), device)
-        row["transformers"] = (n - 2) / (t_n - t_2)
+        row["transformers"] = decode_rate(hf_generate, n, device)
         print(f"  transformers eager decode {row['transformers']:.1f} tok/s")
         del hf
         release_memory()

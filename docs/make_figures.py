@@ -367,14 +367,14 @@ def plot_gqa(out: Path):
         ax.axis("off")
         for h in range(H):
             kv = h // group  # the kv head query head h reads (attention.py)
-            color = colors[kv % 10] if n_kv > 1 else colors[0]
+            color = colors[kv % 10]
             box(ax, h + 0.5, 1.6, 0.8, 0.55, str(h), color, fontsize=7, alpha=0.55 if n_kv == H else 0.45)
             kv_x = (kv + 0.5) * group  # under the middle of its group
-            ax.plot([h + 0.5, kv_x], [1.32, 0.33], color=color if n_kv > 1 else colors[0], lw=0.8, alpha=0.8)
+            ax.plot([h + 0.5, kv_x], [1.32, 0.33], color=color, lw=0.8, alpha=0.8)
         for kv in range(n_kv):
             kv_x = (kv + 0.5) * group
             box(ax, kv_x, 0.05, 0.8 if group == 1 else 1.6, 0.55,  # every head is head_dim numbers wide
-                f"kv {kv}" if group > 1 else str(kv), colors[kv % 10] if n_kv > 1 else colors[0], fontsize=7, alpha=0.9)
+                f"kv {kv}" if group > 1 else str(kv), colors[kv % 10], fontsize=7, alpha=0.9)
         ax.text(-2.4, 1.6, "query\nheads", ha="left", va="center", fontsize=8)
         ax.text(-2.4, 0.05, "key/value\nheads", ha="left", va="center", fontsize=8)
         kib = cfg.kv_cache_bytes_per_token() // 1024

@@ -241,10 +241,15 @@ def saving(folder):
     finish_save(folder)  # an earlier save killed after its commit point
     with atomic_folder(folder / COMMITTED) as staging:
         yield staging
-        for name in TOKENIZER_FILES:
-            if (folder / name).exists() and not (staging / name).exists():
-                shutil.copyfile(folder / name, staging / name)  # small files
+        copy_tokenizer(folder, staging)
     finish_save(folder)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files `src` has into `dst`, where `dst` does not have them yet (small files)."""
+    for name in TOKENIZER_FILES:
+        if (src / name).exists() and not (dst / name).exists():
+            shutil.copyfile(src / name, dst / name)
 
 
 def finish_save(folder) -> None:

@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_folder
-from .checkpoint import (MAX_SHARD_BYTES, TOKENIZER_FILES, CheckpointError, assemble, check_folder, check_tensor,
-                         expected_shapes, first_line, missing_tensors, read_json, read_nano, read_weight_file,
-                         weight_files, write_config, write_shards)
+from .checkpoint import (MAX_SHARD_BYTES, CheckpointError, assemble, check_folder, check_tensor, checkpoint_dir,
+                         copy_tokenizer, expected_shapes, first_line, missing_tensors, read_json, read_nano,
+                         read_weight_file, weight_files, write_config, write_shards)
 from .config import OrionConfig
 from .model import Orion
 from .placement import gb
@@ -244,12 +244,6 @@ def _progress(tensors, total: int, desc: str):
             bar.update(1)
 
 
-def _copy_tokenizer(src: Path, out: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).exists():
-            shutil.copyfile(src / name, out / name)
-
-
 def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
     """Released layout in `src` -> nano_orion checkpoint in `out`, one input shard at a time."""
     src, out = Path(src), Path(out)
@@ -259,7 +253,7 @@ def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int 
         _check_free_space(out, src, config, dtype)
         write_shards(_progress(tensors, len(expected_shapes(config)), "converting"), tmp, max_shard_bytes)
         write_config(tmp, config)
-        _copy_tokenizer(src, tmp)
+        copy_tokenizer(src, tmp)
 
 
 def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
@@ -278,6 +272,7 @@ def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int =
                 yield nano_name_to_hf(name), t
 
     _check_output(out, src, force)
+    src = checkpoint_dir(src)  # where read_nano read the weights: the tokenizer and sizes come from there too
     with atomic_folder(out, replace=force) as tmp:
         _check_free_space(out, src, config, dtype)
         write_shards(hf_tensors(), tmp, max_shard_bytes)
@@ -293,4 +288,4 @@ def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int =
         if dtype is not None:
             hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        _copy_tokenizer(src, tmp)
+        copy_tokenizer(src, tmp)

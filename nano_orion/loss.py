@@ -83,7 +83,8 @@ def loss_and_grads(h, w, y, chunk_size: int, want_grad_h: bool, want_grad_w: boo
     grad_h = torch.empty_like(h) if want_grad_h else None
     grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_grad_w else None
     with torch.autocast(h.device.type, enabled=False):  # from here on each dtype is the one written
-        w_c, w_g = w.to(dtype), w.to(grad_dtype)
+        w_c = w.to(dtype)
+        w_g = w_c if grad_dtype == dtype else w.to(grad_dtype)  # converted once, not twice
         for start in range(0, N, chunk_size):
             h_c, y_c = h[start:start + chunk_size].to(dtype), y[start:start + chunk_size]
             logits = (h_c @ w_c.T).float()  # (n, vocab_size): this chunk's logits only

@@ -77,6 +77,13 @@ class Int8MoE(MoE):
         return moe_grouped(x, weights, experts, w1, w3, w2)
 
 
+def quantize_block(block, device=None):
+    """One transformer block's attention projections and experts to int8, in place (quantize_model)."""
+    for name in ("wq", "wk", "wv", "wo"):
+        setattr(block.attn, name, Int8Linear(getattr(block.attn, name), device))
+    block.moe = Int8MoE(block.moe, device)
+
+
 @torch.no_grad()
 def quantize_model(model, device=None):
     """Replace `model`'s big matmul weights by int8 in place (see the module docstring) and
@@ -84,8 +91,6 @@ def quantize_model(model, device=None):
     so a model loaded on the CPU reaches the GPU without ever being there in full precision
     (at most one float weight at a time); the remaining small tensors follow at the end."""
     for block in model.layers:
-        for name in ("wq", "wk", "wv", "wo"):
-            setattr(block.attn, name, Int8Linear(getattr(block.attn, name), device))
-        block.moe = Int8MoE(block.moe, device)
+        quantize_block(block, device)
     model.lm_head = Int8Linear(model.lm_head, device)
     return model.to(device) if device is not None else model

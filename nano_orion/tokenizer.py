@@ -12,6 +12,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+
 class Tokenizer:
     def __init__(self, model_file, add_bos: bool = False, add_eos: bool = False):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))

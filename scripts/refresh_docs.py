@@ -66,8 +66,7 @@ def parse(text: str) -> list[Block]:
     for m in FENCE.finditer(text):
         info = m.group(1).strip()
         if info == OUTPUT_INFO:
-            between = text[previous.end:m.start()] if previous else "x"
-            if previous is None or previous.output is not None or between.strip():
+            if previous is None or previous.output is not None or text[previous.end:m.start()].strip():
                 line = text.count("\n", 0, m.start()) + 1
                 raise ValueError(f"line {line}: a ```{OUTPUT_INFO} block must directly follow the "
                                  "```python block whose output it shows")

@@ -34,6 +34,21 @@ def load_script(relative_path: str):
     return module
 
 
+def one_line_error(stderr: str) -> str:
+    """The single line of a usage error, checked to be one line and no traceback."""
+    assert "Traceback" not in stderr and stderr.count("\n") == 1, stderr
+    return stderr.strip()
+
+
+def usage_error(capsys, main, argv) -> str:
+    """The line of the usage error a script's main(argv) exits with (status 2, nothing on stdout)."""
+    with pytest.raises(SystemExit) as exit:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and out == "", out
+    return one_line_error(err)
+
+
 def reference(name: str) -> dict[str, torch.Tensor]:
     """Outputs of an independent implementation (transformers) on the fixture's weights."""
     return load_file(FIXTURES / name / "reference.safetensors")

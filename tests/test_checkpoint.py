@@ -10,7 +10,7 @@ import torch
 import nano_orion
 from nano_orion import CheckpointError, OrionConfig, checkpoint
 from nano_orion.checkpoint import expected_shapes
-from nano_orion.hf_layout import convert_hf
+from nano_orion.hf_layout import convert_hf, export_hf
 from nano_orion.placement import place, placement, plan_placement
 
 from conftest import FIXTURES, random_model
@@ -211,3 +211,20 @@ def test_placed_modules_move_their_inputs_to_their_device():
     place(other, {**where, "lm_head": torch.device("meta")})  # the head on another device (meta: shapes only)
     x = torch.randn(2, 9, 32)
     assert other.lm_head(x).is_meta and other.lm_head(input=x).is_meta  # positional and keyword inputs moved
+
+
+def test_export_of_a_save_killed_after_its_commit_point_takes_all_from_the_commit(tmp_path, monkeypatch):
+    """A folder holding only .committed/ (a first save killed at its commit point): export_hf
+    reads the weights, the sizes and the tokenizer from there, as load() does."""
+    folder = tmp_path / "ckpt"
+    model = small_model()
+    monkeypatch.setattr(checkpoint, "finish_save", lambda folder: None)  # as if killed at the commit point
+    tokenizer = FIXTURES / "orion-mini-rmsnorm" / "tokenizer.model"
+    with checkpoint.saving(folder) as staging:  # what save() writes, and a tokenizer, as train.py's save does
+        checkpoint.write_shards(model.state_dict().items(), staging, checkpoint.MAX_SHARD_BYTES)
+        checkpoint.write_config(staging, model.config)
+        shutil.copyfile(tokenizer, staging / "tokenizer.model")
+    assert sorted(f.name for f in folder.iterdir()) == [".committed"]
+    export_hf(folder, tmp_path / "hf")
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+    assert_same_weights(nano_orion.load_hf(tmp_path / "hf"), model)

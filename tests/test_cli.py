@@ -12,16 +12,10 @@ import pytest
 import torch
 
 import train
-from conftest import FIXTURES, ROOT, load_script
+from conftest import FIXTURES, ROOT, load_script, one_line_error, usage_error
 
 generate = load_script("generate.py")
 CKPT = str(FIXTURES / "orion-mini-rmsnorm")  # vocab_size 576, max_seq_len 256
-
-
-def one_line_error(stderr: str) -> str:
-    """The single line of a usage error, checked to be one line and no traceback."""
-    assert "Traceback" not in stderr and stderr.count("\n") == 1, stderr
-    return stderr.strip()
 
 
 def run_script(*argv) -> tuple[int, str, str]:
@@ -47,15 +41,11 @@ def test_scripts_exit_with_one_line(argv, message):
 
 
 def generate_error(capsys, *argv) -> str:
-    """generate.py's one-line usage error (exit status 2), with nothing on stdout."""
-    with pytest.raises(SystemExit) as exit:
-        generate.main(["--ckpt", CKPT, *argv])
-    out, err = capsys.readouterr()
-    assert exit.value.code == 2 and out == ""
-    return one_line_error(err)
+    """generate.py's one-line usage error for the fixture checkpoint and these arguments."""
+    return usage_error(capsys, generate.main, ["--ckpt", CKPT, *argv])
 
 
-@pytest.mark.parametrize("ids", ["a,b", "1,,2", "-1", "1.5", ""])
+@pytest.mark.parametrize("ids", ["a,b", "1,,2", "-1", "1.5", "", "506 449"])
 def test_prompt_ids_not_integers(capsys, ids):
     assert generate_error(capsys, "--prompt-ids", ids).endswith(
         f"--prompt-ids {ids}: give token ids as comma-separated integers, e.g. 506,449,232")

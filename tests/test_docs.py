@@ -25,9 +25,8 @@ from conftest import load_script
 
 refresh = load_script("scripts/refresh_docs.py")
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCS = sorted((ROOT / "docs").glob("*.md"))
-PAGES = DOCS + [ROOT / "README.md"]
+ROOT, PAGES = refresh.ROOT, refresh.PAGES  # the pages make docs-refresh rewrites
+DOCS = PAGES[:-1]  # docs/*.md (the last page is README.md)
 WALKTHROUGHS = [p for p in DOCS if re.match(r"\d\d_", p.name)]
 LINK = refresh.LINK
 STALE = "; `make docs-refresh` rewrites outputs and line anchors from the code (review its diff)"
@@ -76,7 +75,7 @@ def test_outputs_match_catches_a_wrong_output(shown, printed, why):
     assert not ok and why in message
 
 
-def test_check_outputs_wants_every_print_shown_and_nothing_else(tmp_path):
+def test_check_outputs_wants_every_print_shown_and_nothing_else():
     page = refresh.ROOT / "docs" / "example.md"  # only names the page in messages
     text = ("```python\nprint(1)\n```\n\n```python\nx = 2\n```\n\n```text output\n2\n```\n"
             "```python\nprint(3)\n```\n\n```text output\n3\n```\n")

@@ -7,7 +7,7 @@ import nano_orion
 from nano_orion.sampler import SamplingConfig, left_pad
 from nano_orion.streaming import generate_text
 
-from conftest import FIXTURE_NAMES, FIXTURES, load_script, reference
+from conftest import FIXTURE_NAMES, FIXTURES, load_script, reference, usage_error
 
 generate_cli = load_script("generate.py")
 
@@ -77,12 +77,7 @@ def copy_fixture_files(folder, *names, fixture="orion-mini-rmsnorm"):
 
 def cli_error(capsys, *argv) -> str:
     """The one-line error generate.py exits with (status 2); --help has the usage."""
-    with pytest.raises(SystemExit) as exit:
-        run_cli(capsys, *argv)
-    assert exit.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1, err
-    return err.strip()
+    return usage_error(capsys, generate_cli.main, argv)
 
 
 @pytest.mark.parametrize("files, message", [(None, "no such folder"), ((), "no config.json"), (("config.json",), "no tokenizer.model")])

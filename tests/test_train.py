@@ -248,11 +248,8 @@ def test_resume_reads_sharded_checkpoints(tmp_path, monkeypatch):
 def test_a_plain_save_over_a_training_checkpoint_drops_its_optimizer_state(tmp_path):
     """train_state.pt belongs to the weights saved with it: nano_orion.save writing other weights
     into the folder removes it, so --resume cannot pair them with the old optimizer state."""
-    config = OrionConfig.preset("toy", **TINY, vocab_size=64)
-    model = Orion(config)
-    (tmp_path / "tok.model").write_bytes(b"any")
-    train.save_checkpoint(tmp_path, model, torch.optim.AdamW(train.param_groups(model, 0.1)), config,
-                          tmp_path / "tok.model", {"step": 3, "tokens": 0}, rank=0)
+    model = Orion(OrionConfig.preset("toy", **TINY, vocab_size=64))
+    save_at(tmp_path, model, 3)
     assert (tmp_path / "train_state.pt").exists()
     nano_orion.save(model, tmp_path)
     assert not (tmp_path / "train_state.pt").exists() and (tmp_path / "tokenizer.model").exists()
