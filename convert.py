@@ -9,18 +9,16 @@ written into a temporary folder beside OUT_DIR and renamed at the end. Any probl
 one line naming the file, the problem and the fix, exits with status 1 and leaves nothing.
 """
 
-import argparse
 import sys
 
 from nano_orion.checkpoint import MAX_SHARD_BYTES, CheckpointError
+from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.config import DTYPES
 from nano_orion.hf_layout import convert_hf, export_hf
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
-    )
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("src", metavar="SRC_DIR", help="the folder to read: released weights, or with --to-hf a nano_orion checkpoint")
     parser.add_argument("out", metavar="OUT_DIR", help="the folder to write; must not exist (see --force); its parent must")
     parser.add_argument(
@@ -30,7 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--to-hf", action="store_true", help="export a nano_orion checkpoint to the released layout (safetensors), "
                         "loadable where the original loads (and, for RMSNorm models, by transformers' MixtralForCausalLM)")
     parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only once the new folder is complete)")
-    parser.add_argument("--shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9, help="largest output shard, in GB (default: %(default)g)")
+    parser.add_argument("--shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9, help="largest output shard, in GB")
     args = parser.parse_args(argv)
     try:
         if args.dtype is not None and args.dtype not in DTYPES:

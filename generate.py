@@ -13,7 +13,6 @@ completions (prompts or --num-samples), each one follows a line of its own such 
 "──── prompt 2 of 3, sample 1 of 2 ────" and ends with one newline.
 """
 
-import argparse
 import re
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 
 import nano_orion
 from nano_orion.checkpoint import checkpoint_dir
-from nano_orion.cli import ArgumentParser
+from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.config import DTYPES
 from nano_orion.device import resolve_device
 from nano_orion.quantize import quantize_model
@@ -39,27 +38,27 @@ def unescape(text: str) -> str:
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint folder (nano_orion or released layout, with tokenizer.model)")
     p.add_argument("--prompt", action="append", help="prompt text; repeat the flag to run several prompts as one batch")
     p.add_argument("--prompt-file", help="read the prompt from this file (the whole file is one prompt)")
     p.add_argument("--prompt-ids", help="the prompt as comma-separated token ids, e.g. 506,449,232 (for exact reproduction)")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="most tokens to generate per prompt; the longest prompt plus these must fit in the model's "
-                        "max_seq_len (default 256)")
+                        "max_seq_len")
     demo = ORION_DEMO
-    p.add_argument("--temperature", type=float, default=demo.temperature, help=f"softmax temperature; 0 = greedy (default {demo.temperature})")
-    p.add_argument("--top-k", type=int, default=demo.top_k, help=f"sample among the k most likely tokens; 0 = all (default {demo.top_k})")
-    p.add_argument("--top-p", type=float, default=demo.top_p, help=f"sample among the most likely tokens holding this much probability; 1 = all (default {demo.top_p})")
-    p.add_argument("--repetition-penalty", type=float, default=demo.repetition_penalty, help=f"divide the logits of tokens already present by this; 1 = off (default {demo.repetition_penalty})")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=demo.no_repeat_ngram_size, help=f"never repeat an n-gram of this size; 0 = off (default {demo.no_repeat_ngram_size})")
+    p.add_argument("--temperature", type=float, default=demo.temperature, help="softmax temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=demo.top_k, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=demo.top_p, help="sample among the most likely tokens holding this much probability; 1 = all")
+    p.add_argument("--repetition-penalty", type=float, default=demo.repetition_penalty, help="divide the logits of tokens already present by this; 1 = off")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=demo.no_repeat_ngram_size, help="never repeat an n-gram of this size; 0 = off")
     p.add_argument("--stop", action="append", default=[],
                    help=r"stop when this text appears (not printed); \n, \t and \\ in it mean a newline, a tab and a "
                         r"backslash, so --stop '\n\n' stops at a blank line; repeatable")
-    p.add_argument("--seed", type=int, default=1234, help="random seed: the same seed gives the same text (default 1234)")
-    p.add_argument("--num-samples", type=int, default=1, help="how many completions per prompt, one after another (default 1)")
+    p.add_argument("--seed", type=int, default=1234, help="random seed: the same seed gives the same text")
+    p.add_argument("--num-samples", type=int, default=1, help="how many completions per prompt, one after another")
     p.add_argument("--device", default="auto",
-                   help="cpu, cuda (the first GPU), cuda:N, or auto: cuda if a GPU is visible, else cpu (default auto)")
+                   help="cpu, cuda (the first GPU), cuda:N, or auto: cuda if a GPU is visible, else cpu")
     p.add_argument("--dtype", choices=DTYPES, help="weights and activations; default bfloat16 on cuda, float32 on cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (a CUDA graph on GPUs): "
                    "compiling takes a while at start (reported, and not counted in the decode speed), then every step is fast")

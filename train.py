@@ -11,7 +11,6 @@ once, in docs/08_training.md ("The real thing: train.py"); `python train.py --he
 flag with its default.
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -33,7 +32,7 @@ import nano_orion
 from nano_orion import Orion, OrionConfig, SamplingConfig, Tokenizer
 from nano_orion.checkpoint import (MAX_SHARD_BYTES, checkpoint_dir, finish_save, read_nano, saving, write_config,
                                    write_shards)
-from nano_orion.cli import ArgumentParser
+from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
 from nano_orion.device import resolve_device
@@ -43,13 +42,6 @@ from nano_orion.moe import expert_counts, grouped_mm_runs, load_balancing_loss
 # must be a whole word of torch.cuda.get_device_name(): "L4" is not "L40S", "A10" not "A10G".
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
                   "4090": 165e12}
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's help ends with its default, except where that is None: such a flag's help says it in words."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def parse_args(argv=None):

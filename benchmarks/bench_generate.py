@@ -10,7 +10,6 @@ is not counted. Each timing is the best of a few repeats (the machine may be sha
     make bench      # or: python -m benchmarks.bench_generate [--config toy] [--threads 1] [--compile]
 """
 
-import argparse
 import os
 import platform
 import time
@@ -18,6 +17,7 @@ import time
 import torch
 import nano_orion
 from nano_orion import Orion, OrionConfig
+from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.hf_mixtral import to_mixtral
 from nano_orion.sampler import compile_decode_step
 
@@ -49,14 +49,14 @@ def best_times(fns: dict, repeats: int) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), action="append",
                         help="model shape; repeatable (default: all of them, one after another)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decode measurement")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for the decode measurements")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per timing; the best is kept")
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (adds a minute or two of compiling)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "

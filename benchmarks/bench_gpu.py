@@ -18,7 +18,6 @@ compile_decode_step's CUDA graph for the compiled rows). One table:
     python3 -m benchmarks.bench_gpu --device cpu --config toy --layers 2 --long 64 --prompt-tokens 16   # a smoke run
 """
 
-import argparse
 import gc
 import time
 from dataclasses import replace
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from nano_orion import Orion, OrionConfig
+from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.config import PRESETS
 from nano_orion.hf_mixtral import to_mixtral
 from nano_orion.model import Block, make_norm
@@ -35,15 +35,14 @@ from nano_orion.sampler import compile_decode_step, decode_step_of, generate
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--device", default="cuda", help="the GPU (default cuda); cpu for a smoke run of this script")
-    p.add_argument("--config", default="orion-moe-8x7b", choices=sorted(PRESETS), help="model shape (default: the real one)")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--device", default="cuda", help="the GPU; cpu for a smoke run of this script")
+    p.add_argument("--config", default="orion-moe-8x7b", choices=sorted(PRESETS), help="model shape")
     p.add_argument("--layers", type=int, default=None, help="layers of the int8 and full-depth bf16 models (default: the config's)")
-    p.add_argument("--hf-layers", type=int, default=8, help="layers of the bf16 model raced against transformers (default 8)")
-    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for time to first token and decoding (default 512)")
-    p.add_argument("--long", type=int, nargs="*", default=[4096, 8192], help="longer prompts to decode after (default 4096 8192)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode measurement (default 128)")
+    p.add_argument("--hf-layers", type=int, default=8, help="layers of the bf16 model raced against transformers")
+    p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for time to first token and decoding")
+    p.add_argument("--long", type=int, nargs="*", default=[4096, 8192], help="longer prompts to decode after")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode measurement")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
     args = p.parse_args(argv)
     device = torch.device(args.device)

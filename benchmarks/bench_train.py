@@ -22,7 +22,6 @@ as train.py --compile) and transformers eager.
     python -m benchmarks.bench_train --device cuda --config orion-583m --batch-size 16 --block-size 1024
 """
 
-import argparse
 import copy
 import platform
 import statistics
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 import train
 from nano_orion import Orion, OrionConfig
+from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.hf_mixtral import to_mixtral
 from nano_orion.loss import cross_entropy
 
@@ -46,10 +46,9 @@ CONFIGS = {
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--config", default="toy", choices=sorted(CONFIGS), help="model shape (default toy)")
-    p.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bf16 autocast); default cpu")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", default="toy", choices=sorted(CONFIGS), help="model shape")
+    p.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bf16 autocast)")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--block-size", type=int, default=128, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=16, help="timed steps of each model (after 2 warm-up steps)")

@@ -1,4 +1,4 @@
-"""What the command-line tools (generate.py, train.py) share: a usage error is one line."""
+"""What the command-line tools share: their --help and their usage errors."""
 
 import argparse
 
@@ -7,3 +7,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         """A usage error is one line on stderr (--help shows the usage), exit status 2."""
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the line breaks of the description and epilog (the scripts' docstrings), and
+    each flag's help ends with its default, except where the default says nothing: None (the
+    help says it in words), a switch's False, a repeatable flag's empty list."""
+
+    def _get_help_string(self, action):
+        says_nothing = action.default is None or action.default is False or action.default == []
+        return action.help if says_nothing else super()._get_help_string(action)

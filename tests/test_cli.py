@@ -15,6 +15,7 @@ import train
 from conftest import FIXTURES, ROOT, load_script, one_line_error, usage_error
 
 generate = load_script("generate.py")
+convert = load_script("convert.py")
 CKPT = str(FIXTURES / "orion-mini-rmsnorm")  # vocab_size 576, max_seq_len 256
 
 
@@ -116,13 +117,21 @@ def test_several_completions_are_headed(capsys):
     assert headings == [f"prompt {p} of 2, sample {s} of 2" for s in (1, 2) for p in (1, 2)]
 
 
-def test_train_help_states_each_default_once(capsys):
+@pytest.mark.parametrize("tool", ["train", "generate", "convert"])
+def test_help_states_each_default_once(tool, capsys):
+    """Every tool's --help ends a flag's help with its default, once, in one way; a default that
+    says nothing (None, a switch's False, an empty list) is left out."""
+    parse = {"train": train.parse_args, "generate": generate.parse_args, "convert": convert.main}[tool]
     with pytest.raises(SystemExit):
-        train.parse_args(["--help"])
-    help_text = re.sub(r"\s+", " ", capsys.readouterr().out)
-    assert "(default: None)" not in help_text
-    lr_decay = re.search(r"--lr-decay-iters LR_DECAY_ITERS (.*?) --batch-size", help_text).group(1)
-    assert lr_decay.count("default") == 1 and "(default: --max-iters)" in lr_decay
+        parse(["--help"])
+    options = capsys.readouterr().out.split("\noptions:\n")[1]
+    flags = [re.sub(r"\s+", " ", f).strip() for f in re.split(r"\n(?=  -)", options)]  # an entry starts at column 2
+    assert not any(re.search(r"\(default: (None|False|\[\])\)", flag) for flag in flags)
+    assert all(flag.count("default") <= 1 for flag in flags), [f for f in flags if f.count("default") > 1]
+    expected = {"train": ["--lr-decay-iters LR_DECAY_ITERS", "(default: --max-iters)"],
+                "generate": ["--max-new-tokens MAX_NEW_TOKENS", "(default: 256)"],
+                "convert": ["--shard-gb SHARD_GB", "(default: 5.0)"]}[tool]
+    assert expected[1] in next(flag for flag in flags if flag.startswith(expected[0]))
 
 
 def test_train_device_under_torchrun(monkeypatch, capsys):
