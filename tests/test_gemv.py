@@ -16,6 +16,7 @@ import nano_orion
 import nano_orion.gemv
 from nano_orion.gemv import expert_gemv_reference
 from nano_orion.quantize import quantize_int8, quantize_model
+from nano_orion.sampler import compile_decode_step
 
 from conftest import DEVICE, FIXTURES, reference
 
@@ -60,6 +61,10 @@ def test_kernel_reads_the_expert_ids_it_is_given():
     assert not torch.allclose(a[0], a[1])
 
 
+def no_reference(*args):
+    raise AssertionError("a decoding matmul did not go through the kernel")
+
+
 @pytest.mark.parametrize("name", ["orion-mini-rmsnorm", "orion-mini-layernorm"])
 def test_int8_model_decodes_the_same_through_the_kernel(name):
     """The whole int8 decoding path (attention, experts, lm_head) with the kernel in place of
@@ -70,10 +75,22 @@ def test_int8_model_decodes_the_same_through_the_kernel(name):
     with mock.patch.object(nano_orion.gemv, "use_triton", lambda x: False):  # the definition, also on a GPU
         plain = nano_orion.generate(model, prompt, 8)
 
-    def no_reference(*args):
-        raise AssertionError("a decoding matmul did not go through the kernel")
-
     with mock.patch.object(nano_orion.gemv, "use_triton", lambda x: True), \
             mock.patch.object(nano_orion.gemv, "expert_gemv_reference", no_reference):
         through_kernel = nano_orion.generate(model, prompt, 8)
     assert torch.equal(through_kernel, plain)
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_compiled_step_goes_through_the_kernel(weights):
+    """A GPU's compiled decoding step: the kernel, as a custom op, inside one fullgraph graph
+    (its fake implementation gives the shapes while tracing), with bf16 or int8 weights: the
+    eager tokens, and the PyTorch definition never traced."""
+    model, _ = nano_orion.load(FIXTURES / "orion-mini-rmsnorm", dtype=torch.bfloat16)
+    model = model.to(DEVICE) if weights == "bfloat16" else quantize_model(model, device=DEVICE)
+    prompt = reference("orion-mini-rmsnorm")["prompt_ids"].to(DEVICE)
+    with mock.patch.object(nano_orion.gemv, "use_triton", lambda x: True):
+        eager = nano_orion.generate(model, prompt, 8)
+        with mock.patch.object(nano_orion.gemv, "expert_gemv_reference", no_reference):
+            compiled = nano_orion.generate(model, prompt, 8, decode_step=compile_decode_step(model))
+    assert torch.equal(compiled, eager)
