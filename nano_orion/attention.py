@@ -114,14 +114,17 @@ class Attention(nn.Module):
             if mask is not None:
                 k, v = cache.k, cache.v  # (B, n_kv_heads, max_len, head_dim)
         # softmax(q k^T / sqrt(head_dim) + mask) v, each query head reading its group's kv head.
+        group = self.n_heads // self.n_kv_heads
         if T == 1:
             # One new token (decoding): a group's query heads all read the same kv head under
             # the same mask, so they can be stacked as that kv head's queries: plain attention,
             # (B, n_kv_heads, group, head_dim), without copying the keys and values per head.
-            group = self.n_heads // self.n_kv_heads
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, group, self.head_dim), k, v, attn_mask=mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            if mask is None:  # causal among these T tokens: the fused kernels share kv heads themselves
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:  # with a mask they do not (CUDA's fall back to one that holds T x n_keys scores per head): copy each kv head per query head
+                y = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)
             y = y.transpose(1, 2)  # (B, T, n_heads, head_dim)
         # reshape, not view: the layout of y depends on the kernel that computed it (CUDA's differ from the CPU's)
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))

@@ -2,11 +2,14 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nano_orion.attention
 from nano_orion import Orion, OrionConfig, generate
 from nano_orion.attention import attention_mask
+from nano_orion.sampler import left_pad
 
 from conftest import random_model, small_configs
 
@@ -131,6 +134,31 @@ def test_gqa_equals_multi_head_attention_with_repeated_kv_heads(config, seed):
     idx = ids(config, (2, 11), seed)
     with torch.no_grad():
         torch.testing.assert_close(gqa(idx), mha(idx), atol=ATOL, rtol=0)
+
+
+
+def test_no_attention_call_combines_a_mask_with_shared_kv_heads(monkeypatch):
+    """CUDA's fused attention kernels take a mask, or share kv heads (enable_gqa), not both:
+    given both, SDPA falls back to the math kernel, which holds every query's scores (a padded
+    batch of 8k-token prompts: gigabytes per layer). No call may ask for that; the padded,
+    masked calls must occur, or the test would pass on nothing."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **kwargs):
+        calls.append((q.shape[2], attn_mask is not None, kwargs.get("enable_gqa", False), q.shape[1] == k.shape[1]))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(nano_orion.attention.F, "scaled_dot_product_attention", recording)
+    config = OrionConfig.preset("toy", n_layers=1, vocab_size=64, max_seq_len=32)
+    model = random_model(config, 0)
+    idx, pad_mask = left_pad([[5, 6, 7], [8, 9, 10, 11, 12]], config.pad_id)
+    generate(model, idx, 3, pad_mask=pad_mask)  # a padded prefill, then padded decoding steps
+    generate(model, idx[1:], 3)  # a plain prefill and decoding
+    model(idx)  # training's call: causal, no mask
+    assert not any(masked and gqa for _, masked, gqa, _ in calls)
+    assert all(same_heads for _, masked, gqa, same_heads in calls if masked and not gqa)  # so: one kv head per query head
+    assert any(T > 1 and masked for T, masked, _, _ in calls)  # the padded prefill
 
 
 def test_attention_mask_by_hand():
