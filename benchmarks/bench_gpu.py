@@ -191,7 +191,10 @@ def stepwise_logits(model, ids, prompt_len: int, decode_step) -> torch.Tensor:
     pos = torch.tensor(prompt_len, device=ids.device)
     logits = []
     for t in range(prompt_len, ids.shape[1]):
-        logits.append(decode_step(ids[:, t:t + 1], cache, pos, None)[:, -1].clone())  # clone: a CUDA graph reuses its output
+        # A fresh (1, 1) inference tensor, as generation feeds the step: a view of ids (strides,
+        # not made under inference mode) would be another kind of input, and compile a second graph.
+        next_id = ids[:, t:t + 1].clone(memory_format=torch.contiguous_format)
+        logits.append(decode_step(next_id, cache, pos, None)[:, -1].clone())  # clone: a CUDA graph reuses its output
         pos += 1
     return torch.cat(logits)
 

@@ -5,6 +5,7 @@ import argparse
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from benchmarks import bench_gpu, bench_train
 from nano_orion import Orion, OrionConfig
@@ -29,7 +30,9 @@ def test_bench_gpu_measures_a_compiled_step(capsys):
     model = bench_gpu.build_random(bench_gpu.replace(config, n_layers=1, norm_type="rmsnorm"), torch.device("cpu"),
                                    torch.bfloat16, quantize=True)
     options = argparse.Namespace(new_tokens=6, prompt_tokens=40, long=[48], no_compile=False)
+    graphs = counters["stats"]["unique_graphs"]
     row = bench_gpu.measure("int8, 1 layer", model, options, bandwidth=1e10)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # compiled once: every row replays that step
     assert row["compiled"] > 0 and row["after 48"] > 0 and row["compile s"] > 0
     assert row["dlogit"] < 0.05  # in logit standard deviations, in the median step (measured: 0.017)
     assert "compiled greedy tokens equal eager" in capsys.readouterr().out

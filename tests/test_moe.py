@@ -54,8 +54,13 @@ def random_experts(g, E, dim, ffn_dim, requires_grad=False):
     return w1, w3, w2
 
 
+# F.grouped_mm runs on the CPU from torch 2.13 (the version make test installs); a GPU
+# machine's python may be older, and there only the CUDA kernels are tested.
+CPU_GROUPED_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
 @settings(max_examples=40, deadline=None)
-@given(routing_problems(), st.sampled_from([4, 16]), st.sampled_from([8, 20]), st.booleans())
+@given(routing_problems(), st.sampled_from([4, 16]), st.sampled_from([8, 20]), st.sampled_from([False, True] if CPU_GROUPED_MM else [False]))
 def test_grouped_dispatch_equals_reference_loop(problem, dim, ffn_dim, grouped_mm):
     """Both ways moe_grouped runs: one F.grouped_mm per projection, and the per-expert loop
     it falls back to where grouped_mm is unavailable (forced here)."""
@@ -75,6 +80,7 @@ def test_grouped_dispatch_equals_reference_loop(problem, dim, ffn_dim, grouped_m
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.skipif(not CPU_GROUPED_MM, reason="F.grouped_mm runs on the CPU from torch 2.13")
 def test_grouped_mm_runs_on_this_cpu():
     """torch 2.13's CPU build has F.grouped_mm: the tests above exercise it, not only the fallback."""
     cpu = torch.device("cpu")
