@@ -45,6 +45,17 @@ CONFIGS = {
 }
 
 
+def transformers_twin(nano: Orion, bf16_autocast: bool):
+    """transformers' MixtralForCausalLM on nano's weights, for training, with its default
+    attention (sdpa). Under bf16 autocast, its eager experts: its default ones (grouped_mm,
+    which autocast does not cover) cast their input to the weights' float32 and would train
+    in float32, while every other matmul, nano_orion's experts included, runs in bf16."""
+    hf = to_mixtral(nano, attn_implementation="sdpa").train()
+    if bf16_autocast:
+        hf.set_experts_implementation("eager")
+    return hf
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", default="toy", choices=sorted(CONFIGS), help="model shape")
@@ -60,7 +71,7 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     config = replace(CONFIGS[args.config], norm_type="rmsnorm")  # Mixtral's norm
     nano = Orion(config).to(device)
-    hf = to_mixtral(nano, attn_implementation="sdpa").train()  # transformers' default attention
+    hf = transformers_twin(nano, bf16_autocast=on_gpu)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1), generator=g).to(device)
                for _ in range(args.steps + 2)]
@@ -97,7 +108,7 @@ def main(argv=None):
 
     tokens = args.batch_size * args.block_size
     print(f"config {args.config} ({config.n_params() / 1e6:.1f} M parameters, {config.n_active_params() / 1e6:.1f} M active), "
-          f"batch {args.batch_size} x {args.block_size} tokens, {'bf16 autocast' if on_gpu else 'float32'}, {args.steps} timed steps each")
+          f"batch {args.batch_size} x {args.block_size} tokens, {'bf16 autocast (transformers with its eager experts: see transformers_twin)' if on_gpu else 'float32'}, {args.steps} timed steps each")
     if on_gpu:
         report_gpu(times, tokens, config, device)
     else:

@@ -51,3 +51,30 @@ def test_bench_train_runs_on_the_cpu(capsys):
     bench_train.main(["--batch-size", "2", "--block-size", "16", "--steps", "2"])
     out = capsys.readouterr().out
     assert "nano_orion / transformers:" in out and "first-batch loss" in out
+
+
+def test_bench_train_races_transformers_in_bf16_under_autocast():
+    """Under bf16 autocast (the GPU run) the transformers twin's experts multiply in bf16, as
+    nano_orion's do; its default experts would cast to the float32 weights (grouped_mm is not
+    autocast's) and train in float32, making the race unfair."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "mm" in func.__name__ or "linear" in func.__name__:
+                self.dtypes.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    config = OrionConfig.preset("toy", n_layers=1, vocab_size=64, norm_type="rmsnorm")
+    torch.manual_seed(0)
+    seen = {}
+    for bf16_autocast in (True, False):  # the twin for autocast, and transformers' default experts, both under autocast
+        hf = bench_train.transformers_twin(Orion(config), bf16_autocast)
+        with torch.autocast("cpu", dtype=torch.bfloat16), MatmulDtypes() as mode, torch.no_grad():
+            hf.model.layers[0].mlp(torch.randn(2, 16, config.dim))
+        seen[bf16_autocast] = mode.dtypes
+    assert seen == {True: {torch.bfloat16}, False: {torch.bfloat16, torch.float32}}  # the default: router bf16, experts float32
