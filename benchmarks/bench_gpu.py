@@ -19,7 +19,9 @@ compile_decode_step's CUDA graph for the compiled rows). One table:
 """
 
 import gc
+import sys
 import time
+import traceback
 from dataclasses import replace
 
 import torch
@@ -65,13 +67,19 @@ def main(argv=None):
         print(f"\nbf16 with {config.n_layers} layers needs {gb(weight_bytes(config, torch.bfloat16))} GB: more than this device has")
     rows.append(bench(replace(config, n_layers=args.hf_layers), False, args, bandwidth, with_transformers=True))
     print_table(rows, args)
+    failures = [f"{row['label']}: {what}" for row in rows for what in row.get("failed", [])]
+    for failure in failures:
+        print(f"failed: {failure} (its traceback is above)")
+    return 1 if failures else 0
 
 
 def bench(config: OrionConfig, quantize: bool, args, bandwidth: float, with_transformers: bool = False) -> dict:
     """Build a model, measure it, and let its memory go before the next."""
-    model = build_random(config, torch.device(args.device), torch.bfloat16, quantize)
-    row = measure(f"{'int8' if quantize else 'bf16'}, {config.n_layers} layers", model, args, bandwidth, with_transformers)
-    del model
+    row = {"label": f"{'int8' if quantize else 'bf16'}, {config.n_layers} layers"}
+    model = attempt(row, "building the model", lambda: build_random(config, torch.device(args.device), torch.bfloat16, quantize))
+    if model is not None:
+        row = measure(row["label"], model, args, bandwidth, with_transformers)
+        del model
     release_memory()
     return row
 
@@ -200,53 +208,82 @@ def stepwise_logits(model, ids, prompt_len: int, decode_step) -> torch.Tensor:
 
 
 def measure(label: str, model: Orion, args, bandwidth: float, with_transformers: bool = False) -> dict:
-    device, c, n = model.embed.weight.device, model.config, args.new_tokens
+    device, c = model.embed.weight.device, model.config
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, c.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
     read = bytes_per_token(model)
     row = {"label": label, "GB/token": read / 1e9, "ceiling": bandwidth / read}
     print(f"\n{label}: {gb(sum(t.numel() * t.element_size() for t in model.state_dict().values()))} GB of weights, "
           f"{row['GB/token']:.2f} GB read per token: ceiling {row['ceiling']:.0f} tok/s")
-    row["eager"] = decode_rate(lambda k: generate(model, prompt, k), n, device)
-    print(f"  eager decode {row['eager']:.1f} tok/s")
-    row["ttft"] = timed(lambda: generate(model, prompt, 1), device)
+    attempt(row, "eager", lambda: measure_eager(row, model, prompt, args))
     if not args.no_compile:
-        t0 = time.perf_counter()
-        step = compile_decode_step(model)
-        row["compile s"] = time.perf_counter() - t0
-        row["compiled"] = decode_rate(lambda k: generate(model, prompt, k, decode_step=step), n, device)
-        eager_ids = generate(model, prompt[:, :32], 32)
-        row["same tokens"] = torch.equal(generate(model, prompt[:, :32], 32, decode_step=step), eager_ids)
-        # Random weights give near-flat logits, where rounding alone can flip a greedy choice, and
-        # near-flat router scores, where it can flip a choice of expert (which moves that step's
-        # logits a lot): so also compare the logits of every step, both fed the eager tokens, by
-        # the median over steps of each step's largest difference. A real fault moves most steps.
-        eager_logits, compiled_logits = (stepwise_logits(model, eager_ids, 32, s) for s in (decode_step_of(model), step))
-        per_step = (compiled_logits - eager_logits).abs().amax(dim=-1) / eager_logits.std()
-        row["dlogit"] = per_step.median().item()
-        print(f"  compiled decode {row['compiled']:.1f} tok/s (compiling took {row['compile s']:.0f} s); "
-              f"compiled greedy tokens equal eager: {row['same tokens']}; logit difference along them, in logit "
-              f"standard deviations: {row['dlogit']:.3f} in the median step, {per_step.max().item():.3f} at most")
-        for length in args.long:
-            long_prompt = torch.randint(3, c.vocab_size, (1, length), generator=g).to(device)
-            row[f"after {length}"] = decode_rate(lambda k: generate(model, long_prompt, k, decode_step=step), n, device)
-            print(f"  compiled decode after a {length}-token prompt: {row[f'after {length}']:.1f} tok/s")
-        del step
+        attempt(row, "compiled", lambda: measure_compiled(row, model, prompt, args, g))
         release_memory()
     if with_transformers:
-        hf = to_mixtral(model, attn_implementation="sdpa")
-        hf.generation_config.eos_token_id = None
-
-        @torch.inference_mode()
-        def hf_generate(k):
-            return hf.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, attention_mask=torch.ones_like(prompt))
-
-        hf_generate(2)
-        row["transformers"] = decode_rate(hf_generate, n, device)
-        print(f"  transformers eager decode {row['transformers']:.1f} tok/s")
-        del hf
+        attempt(row, "transformers", lambda: measure_transformers(row, model, prompt, args))
         release_memory()
     return row
+
+
+def attempt(row: dict, what: str, measurement):
+    """measurement()'s value; if it fails, its traceback is printed, the row notes the failure,
+    and the value is None: one failure (out of memory at 8k tokens, say) should not cost a GPU
+    run the rest of its table. main() lists the failures after the table and exits with 1."""
+    try:
+        return measurement()
+    except Exception as e:
+        traceback.print_exc()
+        message = (str(e).strip().splitlines() or [""])[0]
+        row.setdefault("failed", []).append(f"{what} ({type(e).__name__}: {message})")
+        return None
+
+
+def measure_eager(row: dict, model: Orion, prompt, args) -> None:
+    device = prompt.device
+    row["eager"] = decode_rate(lambda k: generate(model, prompt, k), args.new_tokens, device)
+    print(f"  eager decode {row['eager']:.1f} tok/s")
+    row["ttft"] = timed(lambda: generate(model, prompt, 1), device)
+
+
+def measure_compiled(row: dict, model: Orion, prompt, args, g: torch.Generator) -> None:
+    device, n = prompt.device, args.new_tokens
+    t0 = time.perf_counter()
+    step = compile_decode_step(model)
+    row["compile s"] = time.perf_counter() - t0
+    row["compiled"] = decode_rate(lambda k: generate(model, prompt, k, decode_step=step), n, device)
+    eager_ids = generate(model, prompt[:, :32], 32)
+    row["same tokens"] = torch.equal(generate(model, prompt[:, :32], 32, decode_step=step), eager_ids)
+    # Random weights give near-flat logits, where rounding alone can flip a greedy choice, and
+    # near-flat router scores, where it can flip a choice of expert (which moves that step's
+    # logits a lot): so also compare the logits of every step, both fed the eager tokens, by
+    # the median over steps of each step's largest difference. A real fault moves most steps.
+    eager_logits, compiled_logits = (stepwise_logits(model, eager_ids, 32, s) for s in (decode_step_of(model), step))
+    per_step = (compiled_logits - eager_logits).abs().amax(dim=-1) / eager_logits.std()
+    row["dlogit"] = per_step.median().item()
+    print(f"  compiled decode {row['compiled']:.1f} tok/s (compiling took {row['compile s']:.0f} s); "
+          f"compiled greedy tokens equal eager: {row['same tokens']}; logit difference along them, in logit "
+          f"standard deviations: {row['dlogit']:.3f} in the median step, {per_step.max().item():.3f} at most")
+    for length in args.long:
+        long_prompt = torch.randint(3, model.config.vocab_size, (1, length), generator=g).to(device)
+
+        def after_long_prompt(long_prompt=long_prompt, length=length):
+            row[f"after {length}"] = decode_rate(lambda k: generate(model, long_prompt, k, decode_step=step), n, device)
+            print(f"  compiled decode after a {length}-token prompt: {row[f'after {length}']:.1f} tok/s")
+
+        attempt(row, f"decoding after {length} tokens", after_long_prompt)
+
+
+def measure_transformers(row: dict, model: Orion, prompt, args) -> None:
+    hf = to_mixtral(model, attn_implementation="sdpa")
+    hf.generation_config.eos_token_id = None
+
+    @torch.inference_mode()
+    def hf_generate(k):
+        return hf.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, attention_mask=torch.ones_like(prompt))
+
+    hf_generate(2)
+    row["transformers"] = decode_rate(hf_generate, args.new_tokens, prompt.device)
+    print(f"  transformers eager decode {row['transformers']:.1f} tok/s")
 
 
 def print_table(rows: list[dict], args) -> None:
@@ -269,4 +306,4 @@ def print_table(rows: list[dict], args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

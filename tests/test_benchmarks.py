@@ -12,9 +12,10 @@ from nano_orion import Orion, OrionConfig
 
 
 def test_bench_gpu_runs_and_prints_its_table(capsys):
-    bench_gpu.main(["--device", "cpu", "--config", "toy", "--layers", "2", "--hf-layers", "1", "--prompt-tokens", "8",
-                    "--long", "24", "--new-tokens", "6", "--no-compile"])
+    status = bench_gpu.main(["--device", "cpu", "--config", "toy", "--layers", "2", "--hf-layers", "1", "--prompt-tokens", "8",
+                             "--long", "24", "--new-tokens", "6", "--no-compile"])
     out = capsys.readouterr().out
+    assert status == 0 and "failed" not in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| model | GB read/token") and len(table) == 2 + 3  # header, rule, int8 + bf16 + bf16 beside transformers
     assert table[2].startswith("| int8, 2 layers |") and table[4].startswith("| bf16, 1 layers |")
@@ -36,6 +37,23 @@ def test_bench_gpu_measures_a_compiled_step(capsys):
     assert row["compiled"] > 0 and row["after 48"] > 0 and row["compile s"] > 0
     assert row["dlogit"] < 0.05  # in logit standard deviations, in the median step (measured: 0.017)
     assert "compiled greedy tokens equal eager" in capsys.readouterr().out
+
+
+
+def test_a_failing_measurement_costs_only_its_own_cells(monkeypatch, capsys):
+    """A GPU run is one shot: when compiling fails, the eager and transformers numbers still
+    make the table, the failure is named after it (its traceback before), and the status is 1."""
+    def no_compiler(model):
+        raise RuntimeError("no kernel for this shape\nsecond line")
+
+    monkeypatch.setattr(bench_gpu, "compile_decode_step", no_compiler)
+    status = bench_gpu.main(["--device", "cpu", "--config", "toy", "--layers", "1", "--hf-layers", "1", "--prompt-tokens", "8",
+                             "--long", "24", "--new-tokens", "4"])
+    captured = capsys.readouterr()
+    table = [line.split(" | ") for line in captured.out.splitlines() if line.startswith("| int8") or line.startswith("| bf16")]
+    assert status == 1 and len(table) == 3 and all(float(cells[3]) > 0 for cells in table)  # every row's eager tok/s
+    assert "failed: int8, 1 layers: compiled (RuntimeError: no kernel for this shape)" in captured.out
+    assert "Traceback" in captured.err
 
 
 def test_bench_gpu_counts_the_bytes_a_token_reads():
