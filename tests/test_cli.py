@@ -174,3 +174,15 @@ def test_readme_python_api_runs_from_any_folder(tmp_path, monkeypatch, capsys):
     with refresh.one_thread():
         exec(compile(first_block.source, "README.md: Python API", "exec"), {})
     assert capsys.readouterr().out.strip()  # it printed the generated text
+
+
+def test_gpu_check_runs_every_step_and_names_the_failed_ones(tmp_path):
+    """make gpu-check goes on after a failing step (a GPU session is short) and ends saying which
+    failed, with a failing status. A stand-in python fails only for train.py."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\necho "ran: $1" >> "$0.log"\ncase "$*" in *train.py*) exit 1;; esac\n')
+    stand_in.chmod(0o755)
+    done = subprocess.run(["make", "--no-print-directory", "gpu-check", f"PY={stand_in}"], cwd=ROOT, capture_output=True, text=True)
+    ran = (tmp_path / "python.log").read_text().splitlines()
+    assert [line.split()[1] for line in ran] == ["-m", "train.py", "generate.py", "-m"]  # pytest, ..., bench_train: all four
+    assert "gpu-check: failed: train.py" in done.stdout and done.returncode != 0
