@@ -266,7 +266,7 @@ def measure_compiled(row: dict, model: Orion, prompt, args, g: torch.Generator) 
     for length in args.long:
         long_prompt = torch.randint(3, model.config.vocab_size, (1, length), generator=g).to(device)
 
-        def after_long_prompt(long_prompt=long_prompt, length=length):
+        def after_long_prompt():
             row[f"after {length}"] = decode_rate(lambda k: generate(model, long_prompt, k, decode_step=step), n, device)
             print(f"  compiled decode after a {length}-token prompt: {row[f'after {length}']:.1f} tok/s")
 

@@ -108,7 +108,7 @@ def main(argv=None):
 
     tokens = args.batch_size * args.block_size
     print(f"config {args.config} ({config.n_params() / 1e6:.1f} M parameters, {config.n_active_params() / 1e6:.1f} M active), "
-          f"batch {args.batch_size} x {args.block_size} tokens, {'bf16 autocast (transformers with its eager experts: see transformers_twin)' if on_gpu else 'float32'}, {args.steps} timed steps each")
+          f"batch {args.batch_size} x {args.block_size} tokens, {'bf16 autocast (transformers: eager experts, see transformers_twin)' if on_gpu else 'float32'}, {args.steps} timed steps each")
     if on_gpu:
         report_gpu(times, tokens, config, device)
     else:

@@ -120,11 +120,14 @@ class Attention(nn.Module):
             # the same mask, so they can be stacked as that kv head's queries: plain attention,
             # (B, n_kv_heads, group, head_dim), without copying the keys and values per head.
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, group, self.head_dim), k, v, attn_mask=mask)
+        elif mask is None:  # causal among these T tokens: the fused kernels share the kv heads themselves
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)  # (B, T, n_heads, head_dim)
         else:
-            if mask is None:  # causal among these T tokens: the fused kernels share kv heads themselves
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            else:  # with a mask they do not (CUDA's fall back to one that holds T x n_keys scores per head): copy each kv head per query head
-                y = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)
-            y = y.transpose(1, 2)  # (B, T, n_heads, head_dim)
+            # A mask (a padded batch, or a cache holding earlier tokens): CUDA's fused kernels
+            # take a mask or shared kv heads, not both, and given both SDPA falls back to one
+            # that holds all T x n_keys scores of every head. So each kv head is first copied
+            # for the query heads of its group.
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_heads, n_keys, head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)  # (B, T, n_heads, head_dim)
         # reshape, not view: the layout of y depends on the kernel that computed it (CUDA's differ from the CPU's)
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))
