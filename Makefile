@@ -72,16 +72,21 @@ bench: install
 # ---- GPU: no `install` prerequisite; PY must have torch with CUDA (e.g. PY=python3 on a GPU machine).
 GPU_OUT ?= out/gpu-check
 GPU_BENCH_ARGS ?=
-# gpu-check runs each of its four steps even when one before failed (time on a GPU is short),
-# then says which failed; its exit status is 1 if any did.
+# gpu-check goes on after a failing step (time on a GPU is short; generate.py needs train.py's
+# checkpoint, so it is skipped when train.py fails), then names the failed steps, and make fails.
 gpu-check:
 	@failed=""; \
+	echo "== gpu-check: the GPU code paths' tests"; \
 	$(PY) -m pytest -q tests/test_gemv.py tests/test_decode.py tests/test_moe.py tests/test_device.py tests/test_loss.py \
 		|| failed="$$failed tests"; \
-	$(PY) train.py --device cuda --out-dir $(GPU_OUT) --max-iters 120 --eval-interval 60 || failed="$$failed train.py"; \
-	$(PY) generate.py --ckpt $(GPU_OUT) --device cuda --compile --temperature 0 --max-new-tokens 64 \
-		--prompt "$$(printf 'class Parser:\n    def __init__(self')" || failed="$$failed generate.py"; \
-	$(MAKE) bench-train-gpu PY=$(PY) || failed="$$failed bench-train-gpu"; \
+	echo "== gpu-check: train.py --device cuda"; \
+	if $(PY) train.py --device cuda --out-dir $(GPU_OUT) --max-iters 120 --eval-interval 60; then \
+		echo "== gpu-check: generate.py --compile on its checkpoint"; \
+		$(PY) generate.py --ckpt $(GPU_OUT) --device cuda --compile --temperature 0 --max-new-tokens 64 \
+			--prompt "$$(printf 'class Parser:\n    def __init__(self')" || failed="$$failed generate.py"; \
+	else failed="$$failed train.py (so generate.py was skipped)"; fi; \
+	echo "== gpu-check: the training benchmark"; \
+	$(MAKE) --no-print-directory bench-train-gpu PY=$(PY) || failed="$$failed bench-train-gpu"; \
 	if [ -n "$$failed" ]; then echo "gpu-check: failed:$$failed"; exit 1; fi; echo "gpu-check: every step passed"
 bench-gpu:
 	$(PY) -m benchmarks.bench_gpu $(GPU_BENCH_ARGS)

@@ -59,10 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1, help="how many completions per prompt, one after another")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda (the first GPU), cuda:N, or auto: cuda if a GPU is visible, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, help="weights and activations; default bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=DTYPES, help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (a CUDA graph on GPUs): "
                    "compiling takes a while at start (reported, and not counted in the decode speed), then every step is fast")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: weight-only int8 matmul weights (half of bf16's memory)")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: weight-only int8 matmul weights, half of bf16's memory")
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.prompt, args.prompt_file, args.prompt_ids)) > 1:
         p.error("give only one of --prompt, --prompt-file, --prompt-ids")

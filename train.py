@@ -50,7 +50,7 @@ def parse_args(argv=None):
                    help=f"model shape: a preset ({', '.join(sorted(PRESETS))}) or a JSON file of OrionConfig fields; "
                         "vocab_size is replaced by the tokenizer's (see --vocab-size)")
     p.add_argument("--data", default=None,
-                   help="UTF-8 text file or folder of them; default: the Python standard library's sources")
+                   help="UTF-8 text file or folder of them (default: the Python standard library's sources)")
     p.add_argument("--data-dir", default="data", help="where prepared tokenizers and uint32 token files are cached")
     p.add_argument("--vocab-size", type=int, default=4096,
                    help="tokenizer pieces to train (capped for small corpora); the model's vocab_size is the "
@@ -61,13 +61,13 @@ def parse_args(argv=None):
                    help="step at which the cosine reaches 10%% of --lr (default: --max-iters); set it beyond "
                         "--max-iters to stop early and extend the run later with --resume")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
-    p.add_argument("--block-size", type=int, default=128, help="tokens per sequence (at most the model's max_seq_len)")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per sequence, at most the model's max_seq_len")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup-iters", type=int, default=50, help="steps of linear warm-up")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the 2-D and 3-D weights")
     p.add_argument("--eval-interval", type=int, default=100,
-                   help="steps between validation, a text sample and a checkpoint (also done at the end)")
+                   help="steps between validation, a text sample and a checkpoint, which also end the run")
     p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     p.add_argument("--log-interval", type=int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
@@ -82,8 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard weights, gradients and optimizer "
                    "state across processes with FSDP2 (fully_shard) instead of replicating them with DDP")
     p.add_argument("--peak-flops", type=float, default=None,
-                   help="the device's peak FLOP/s for MFU; default: a spec-sheet table for known GPUs, else a "
-                        "measured large-matmul rate (so CPU MFU is relative to what matmul achieves)")
+                   help="the device's peak FLOP/s for MFU (default: a spec-sheet table for known GPUs, else a "
+                        "measured large-matmul rate, so that CPU MFU is relative to what matmul achieves)")
     args = p.parse_args(argv)
     for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
         if getattr(args, name) < 1:

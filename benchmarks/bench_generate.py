@@ -56,7 +56,7 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for the decode measurements")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per timing; the best is kept")
     parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (adds a minute or two of compiling)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: torch's choice, %(default)s here)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "

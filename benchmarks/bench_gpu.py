@@ -199,8 +199,8 @@ def stepwise_logits(model, ids, prompt_len: int, decode_step) -> torch.Tensor:
     pos = torch.tensor(prompt_len, device=ids.device)
     logits = []
     for t in range(prompt_len, ids.shape[1]):
-        # A fresh (1, 1) inference tensor, as generation feeds the step: a view of ids (strides,
-        # not made under inference mode) would be another kind of input, and compile a second graph.
+        # A contiguous (1, 1) id, as generation feeds the step: a slice of ids keeps its row
+        # stride, and the step, compiled for contiguous ids, would compile a second graph.
         next_id = ids[:, t:t + 1].clone(memory_format=torch.contiguous_format)
         logits.append(decode_step(next_id, cache, pos, None)[:, -1].clone())  # clone: a CUDA graph reuses its output
         pos += 1
@@ -232,7 +232,7 @@ def attempt(row: dict, what: str, measurement):
     try:
         return measurement()
     except Exception as e:
-        traceback.print_exc()
+        traceback.print_exc(file=sys.stdout)  # with the table, in order, also when both go to one file
         message = (str(e).strip().splitlines() or [""])[0]
         row.setdefault("failed", []).append(f"{what} ({type(e).__name__}: {message})")
         return None
@@ -265,12 +265,13 @@ def measure_compiled(row: dict, model: Orion, prompt, args, g: torch.Generator) 
           f"standard deviations: {row['dlogit']:.3f} in the median step, {per_step.max().item():.3f} at most")
     for length in args.long:
         long_prompt = torch.randint(3, model.config.vocab_size, (1, length), generator=g).to(device)
+        attempt(row, f"decoding after {length} tokens", lambda: measure_after(row, model, long_prompt, step, n))
 
-        def after_long_prompt():
-            row[f"after {length}"] = decode_rate(lambda k: generate(model, long_prompt, k, decode_step=step), n, device)
-            print(f"  compiled decode after a {length}-token prompt: {row[f'after {length}']:.1f} tok/s")
 
-        attempt(row, f"decoding after {length} tokens", after_long_prompt)
+def measure_after(row: dict, model: Orion, long_prompt, step, n: int) -> None:
+    length = long_prompt.shape[1]
+    row[f"after {length}"] = decode_rate(lambda k: generate(model, long_prompt, k, decode_step=step), n, long_prompt.device)
+    print(f"  compiled decode after a {length}-token prompt: {row[f'after {length}']:.1f} tok/s")
 
 
 def measure_transformers(row: dict, model: Orion, prompt, args) -> None:

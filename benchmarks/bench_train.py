@@ -59,7 +59,7 @@ def transformers_twin(nano: Orion, bf16_autocast: bool):
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--config", default="toy", choices=sorted(CONFIGS), help="model shape")
-    p.add_argument("--device", default="cpu", help="cpu (float32) or cuda (bf16 autocast)")
+    p.add_argument("--device", default="cpu", help="cpu, in float32, or cuda, under bf16 autocast")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     p.add_argument("--block-size", type=int, default=128, help="tokens per sequence")
     p.add_argument("--steps", type=int, default=16, help="timed steps of each model (after 2 warm-up steps)")
@@ -107,8 +107,9 @@ def main(argv=None):
             print(f"first steps, compiling included: {time.perf_counter() - t0:.0f} s")
 
     tokens = args.batch_size * args.block_size
+    precision = "bf16 autocast (transformers: eager experts, see transformers_twin)" if on_gpu else "float32"
     print(f"config {args.config} ({config.n_params() / 1e6:.1f} M parameters, {config.n_active_params() / 1e6:.1f} M active), "
-          f"batch {args.batch_size} x {args.block_size} tokens, {'bf16 autocast (transformers: eager experts, see transformers_twin)' if on_gpu else 'float32'}, {args.steps} timed steps each")
+          f"batch {args.batch_size} x {args.block_size} tokens, {precision}, {args.steps} timed steps each")
     if on_gpu:
         report_gpu(times, tokens, config, device)
     else:

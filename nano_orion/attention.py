@@ -123,10 +123,11 @@ class Attention(nn.Module):
         elif mask is None:  # causal among these T tokens: the fused kernels share the kv heads themselves
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)  # (B, T, n_heads, head_dim)
         else:
-            # A mask (a padded batch, or a cache holding earlier tokens): CUDA's fused kernels
-            # take a mask or shared kv heads, not both, and given both SDPA falls back to one
-            # that holds all T x n_keys scores of every head. So each kv head is first copied
-            # for the query heads of its group.
+            # A mask (a padded batch, or a cache holding earlier tokens): CUDA's flash kernel
+            # shares kv heads but takes no mask, its memory-efficient one takes a mask but does
+            # not share heads, and where cuDNN's serves neither (by card and version) SDPA falls
+            # back to the math kernel, which holds all T x n_keys scores of every head. So each
+            # kv head is first copied for the query heads of its group.
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_heads, n_keys, head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)  # (B, T, n_heads, head_dim)
         # reshape, not view: the layout of y depends on the kernel that computed it (CUDA's differ from the CPU's)

@@ -12,8 +12,13 @@ class ArgumentParser(argparse.ArgumentParser):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help keeps the line breaks of the description and epilog (the scripts' docstrings), and
     each flag's help ends with its default, except where the default says nothing: None (the
-    help says it in words), a switch's False, a repeatable flag's empty list."""
+    help says it in words), a switch's False, a repeatable flag's empty list. A list is shown
+    as it is typed: 4096 8192."""
 
     def _get_help_string(self, action):
-        says_nothing = action.default is None or action.default is False or action.default == []
-        return action.help if says_nothing else super()._get_help_string(action)
+        default = action.default
+        if default is None or default is False or default == []:
+            return action.help
+        if isinstance(default, list):
+            return f"{action.help} (default: {' '.join(map(str, default))})"
+        return super()._get_help_string(action)

@@ -117,11 +117,13 @@ def test_several_completions_are_headed(capsys):
     assert headings == [f"prompt {p} of 2, sample {s} of 2" for s in (1, 2) for p in (1, 2)]
 
 
-@pytest.mark.parametrize("tool", ["train", "generate", "convert"])
+@pytest.mark.parametrize("tool", ["train", "generate", "convert", "bench_gpu"])
 def test_help_states_each_default_once(tool, capsys):
     """Every tool's --help ends a flag's help with its default, once, in one way; a default that
-    says nothing (None, a switch's False, an empty list) is left out."""
-    parse = {"train": train.parse_args, "generate": generate.parse_args, "convert": convert.main}[tool]
+    says nothing (None, a switch's False, an empty list) is left out; a list reads as typed."""
+    from benchmarks import bench_gpu
+
+    parse = {"train": train.parse_args, "generate": generate.parse_args, "convert": convert.main, "bench_gpu": bench_gpu.main}[tool]
     with pytest.raises(SystemExit):
         parse(["--help"])
     options = capsys.readouterr().out.split("\noptions:\n")[1]
@@ -130,7 +132,8 @@ def test_help_states_each_default_once(tool, capsys):
     assert all(flag.count("default") <= 1 for flag in flags), [f for f in flags if f.count("default") > 1]
     expected = {"train": ["--lr-decay-iters LR_DECAY_ITERS", "(default: --max-iters)"],
                 "generate": ["--max-new-tokens MAX_NEW_TOKENS", "(default: 256)"],
-                "convert": ["--shard-gb SHARD_GB", "(default: 5.0)"]}[tool]
+                "convert": ["--shard-gb SHARD_GB", "(default: 5.0)"],
+                "bench_gpu": ["--long [LONG ...]", "(default: 4096 8192)"]}[tool]
     assert expected[1] in next(flag for flag in flags if flag.startswith(expected[0]))
 
 
@@ -177,12 +180,17 @@ def test_readme_python_api_runs_from_any_folder(tmp_path, monkeypatch, capsys):
 
 
 def test_gpu_check_runs_every_step_and_names_the_failed_ones(tmp_path):
-    """make gpu-check goes on after a failing step (a GPU session is short) and ends saying which
-    failed, with a failing status. A stand-in python fails only for train.py."""
+    """make gpu-check goes on after a failing step (a GPU session is short) and ends naming the
+    failed ones, and make fails. A stand-in python fails train.py (so generate.py, which needs
+    its checkpoint, is skipped), then only the tests."""
     stand_in = tmp_path / "python"
-    stand_in.write_text('#!/bin/sh\necho "ran: $1" >> "$0.log"\ncase "$*" in *train.py*) exit 1;; esac\n')
-    stand_in.chmod(0o755)
-    done = subprocess.run(["make", "--no-print-directory", "gpu-check", f"PY={stand_in}"], cwd=ROOT, capture_output=True, text=True)
-    ran = (tmp_path / "python.log").read_text().splitlines()
-    assert [line.split()[1] for line in ran] == ["-m", "train.py", "generate.py", "-m"]  # pytest, ..., bench_train: all four
-    assert "gpu-check: failed: train.py" in done.stdout and done.returncode != 0
+    for failing, expected_runs, expected_failed in [
+        ("train.py", ["-m", "train.py", "-m"], "train.py (so generate.py was skipped)"),
+        ("pytest", ["-m", "train.py", "generate.py", "-m"], "tests"),
+    ]:
+        log = tmp_path / f"{failing}.log"
+        stand_in.write_text(f'#!/bin/sh\necho "$1" >> {log}\ncase "$*" in *{failing}*) exit 1;; esac\n')
+        stand_in.chmod(0o755)
+        done = subprocess.run(["make", "--no-print-directory", "gpu-check", f"PY={stand_in}"], cwd=ROOT, capture_output=True, text=True)
+        assert log.read_text().split() == expected_runs  # pytest (-m), train.py, [generate.py], bench_train (-m)
+        assert f"gpu-check: failed: {expected_failed}\n" in done.stdout and done.returncode == 2

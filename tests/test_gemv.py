@@ -88,11 +88,11 @@ def test_the_custom_ops_registration(weights):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 40, generator=g), torch.randn(4, 24, 40, generator=g)
     expert, scale = torch.tensor([0, 3, 3]), None
-    if weights == "int8":
-        w, scale = quantize_int8(w)
-    if weights != "float32":
-        x, scale = x.bfloat16(), scale if scale is None else scale.bfloat16()
-        w = w if weights == "int8" else w.bfloat16()
+    if weights == "bfloat16":
+        x, w = x.bfloat16(), w.bfloat16()
+    elif weights == "int8":  # int8 weights, bf16 activations and scales: a quantized bf16 model
+        w, scale = quantize_int8(w.bfloat16())
+        x = x.bfloat16()
     torch.library.opcheck(torch.ops.nano_orion.expert_gemv, [t if t is None else t.to(DEVICE) for t in (x, w, expert, scale)])
 
 

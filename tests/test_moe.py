@@ -54,9 +54,9 @@ def random_experts(g, E, dim, ffn_dim, requires_grad=False):
     return w1, w3, w2
 
 
-# F.grouped_mm runs on the CPU from torch 2.13 (the version make test installs); a GPU
-# machine's python may be older, and there only the CUDA kernels are tested.
-CPU_GROUPED_MM = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
+# Whether this torch runs F.grouped_mm on the CPU (from 2.13, which make test installs; a GPU
+# machine's python may be older).
+CPU_GROUPED_MM = nano_orion.moe.grouped_mm_runs(torch.device("cpu"), torch.float32, 16, 24, compiling=False)
 
 
 @settings(max_examples=40, deadline=None)
@@ -80,7 +80,7 @@ def test_grouped_dispatch_equals_reference_loop(problem, dim, ffn_dim, grouped_m
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.skipif(not CPU_GROUPED_MM, reason="F.grouped_mm runs on the CPU from torch 2.13")
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13), reason="F.grouped_mm runs on the CPU from torch 2.13")
 def test_grouped_mm_runs_on_this_cpu():
     """torch 2.13's CPU build has F.grouped_mm: the tests above exercise it, not only the fallback."""
     cpu = torch.device("cpu")
