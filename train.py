@@ -135,8 +135,7 @@ def losses(model, raw_model, x, y):
     ce = model(x, targets=y)  # the logits are never whole: nano_orion/loss.py
     routers = raw_model.routing()  # each layer's (probs, experts)
     aux = torch.stack([load_balancing_loss(probs, experts) for probs, experts in routers]).mean()
-    n_experts = routers[0][0].shape[-1]
-    counts = torch.stack([expert_counts(experts, n_experts) for _, experts in routers])
+    counts = torch.stack([expert_counts(experts, raw_model.config.n_experts) for _, experts in routers])
     return ce, aux, counts
 
 
@@ -210,7 +209,7 @@ def gradient_sync(model, sync: bool):
 # ---- checkpoints -----------------------------------------------------------------------
 
 
-def save_checkpoint(out_dir: Path, model, optimizer, config, tokenizer_file: Path, train_state: dict, rank: int) -> None:
+def save_checkpoint(out_dir: Path, model, optimizer, tokenizer_file: Path, train_state: dict, rank: int) -> None:
     """Weights, tokenizer and train_state.pt (optimizer, step, RNG states) into OUT_DIR, as one commit."""
     # Every rank takes part in gathering the full (unsharded) state; rank 0 writes it.
     model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -221,7 +220,7 @@ def save_checkpoint(out_dir: Path, model, optimizer, config, tokenizer_file: Pat
         rng["cuda"] = torch.cuda.get_rng_state_all()
     with saving(out_dir) as staging:
         write_shards(model_state.items(), staging, MAX_SHARD_BYTES)
-        write_config(staging, config)
+        write_config(staging, model.config)
         shutil.copy(tokenizer_file, staging / "tokenizer.model")
         (staging / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": False}) + "\n")
         torch.save({**train_state, "optimizer": optim_state, "rng": rng}, staging / "train_state.pt")
@@ -371,13 +370,13 @@ def log_line(args, proc: Process, record: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, val, args, device, autocast) -> float:
+def evaluate(model, val, args, proc: Process) -> float:
     """Mean validation cross-entropy over --eval-iters fixed batches (the same ones every time)."""
     total = 0.0
     for i in range(args.eval_iters):
         x, y = get_batch(val, args.batch_size, args.block_size, seed=args.seed + 1, step=i)
-        with autocast:
-            total += model(x.to(device), targets=y.to(device)).item()
+        with proc.autocast():
+            total += model(x.to(proc.device), targets=y.to(proc.device)).item()
     return total / args.eval_iters
 
 
@@ -395,7 +394,7 @@ def eval_sample_save(model, raw_model, optimizer, tokenizer, tokenizer_file, val
                      step: int, tokens: int, args, proc: Process, say) -> None:
     """Validation loss, a sample of text and each layer's expert load on screen, then a checkpoint."""
     out_dir = Path(args.out_dir)
-    val_loss = evaluate(model, val_tokens, args, proc.device, proc.autocast())
+    val_loss = evaluate(model, val_tokens, args, proc)
     log_line(args, proc, {"kind": "eval", "step": step, "val_loss": val_loss})
     say(f"step {step}: val loss {val_loss:.4f}")
     if not args.fsdp:  # generating token by token would gather every layer each token
@@ -404,7 +403,7 @@ def eval_sample_save(model, raw_model, optimizer, tokenizer, tokenizer_file, val
     say("  expert load (% of routed slots), layer by layer:\n" + "\n".join(
         f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)))
     t0 = time.perf_counter()
-    save_checkpoint(out_dir, raw_model, optimizer, raw_model.config, tokenizer_file,
+    save_checkpoint(out_dir, raw_model, optimizer, tokenizer_file,
                     {"step": step, "tokens": tokens, "args": vars(args)}, proc.rank)
     seconds = time.perf_counter() - t0
     log_line(args, proc, {"kind": "save", "step": step, "folder": str(out_dir), "seconds": seconds})

@@ -32,6 +32,7 @@ from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.config import PRESETS
 from nano_orion.hf_mixtral import to_mixtral
 from nano_orion.model import Block, make_norm
+from nano_orion.placement import free_bytes, gb
 from nano_orion.quantize import Int8Linear, quantize_block
 from nano_orion.sampler import compile_decode_step, decode_step_of, generate
 
@@ -64,7 +65,7 @@ def main(argv=None):
     if fits(config, torch.bfloat16, device):
         rows.append(bench(config, False, args, bandwidth))
     else:
-        print(f"\nbf16 with {config.n_layers} layers needs {gb(weight_bytes(config, torch.bfloat16))} GB: more than this device has")
+        print(f"\nbf16 with {config.n_layers} layers needs {gb(weight_bytes(config, torch.bfloat16))}: more than this device has")
     rows.append(bench(replace(config, n_layers=args.hf_layers), False, args, bandwidth, with_transformers=True))
     print_table(rows, args)
     failures = [f"{row['label']}: {what}" for row in rows for what in row.get("failed", [])]
@@ -78,7 +79,7 @@ def bench(config: OrionConfig, quantize: bool, args, bandwidth: float, with_tran
     row = {"label": f"{'int8' if quantize else 'bf16'}, {config.n_layers} layers"}
     model = attempt(row, "building the model", lambda: build_random(config, torch.device(args.device), torch.bfloat16, quantize))
     if model is not None:
-        row = measure(row["label"], model, args, bandwidth, with_transformers)
+        measure(row, model, args, bandwidth, with_transformers)
         del model
     release_memory()
     return row
@@ -122,9 +123,7 @@ def weight_bytes(config: OrionConfig, dtype) -> int:
 
 
 def fits(config: OrionConfig, dtype, device) -> bool:
-    if device.type != "cuda":
-        return True
-    return weight_bytes(config, dtype) < 0.9 * torch.cuda.mem_get_info(device)[0]
+    return device.type != "cuda" or weight_bytes(config, dtype) < free_bytes(device)
 
 
 def release_memory() -> None:
@@ -146,10 +145,6 @@ def bytes_per_token(model: Orion) -> int:
         share = c.top_k / c.n_experts if name.split(".")[-1] in ("w1", "w2", "w3", "scale_w1", "scale_w2", "scale_w3") else 1
         total += int(t.numel() * t.element_size() * share)
     return total
-
-
-def gb(n: float) -> str:
-    return f"{n / 1e9:.1f}"
 
 
 # ---- measurements ----------------------------------------------------------------------------
@@ -207,13 +202,14 @@ def stepwise_logits(model, ids, prompt_len: int, decode_step) -> torch.Tensor:
     return torch.cat(logits)
 
 
-def measure(label: str, model: Orion, args, bandwidth: float, with_transformers: bool = False) -> dict:
+def measure(row: dict, model: Orion, args, bandwidth: float, with_transformers: bool = False) -> None:
+    """Fill row (its "label" given) with the model's measurements; a failed part leaves its cells out."""
     device, c = model.embed.weight.device, model.config
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, c.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
     read = bytes_per_token(model)
-    row = {"label": label, "GB/token": read / 1e9, "ceiling": bandwidth / read}
-    print(f"\n{label}: {gb(sum(t.numel() * t.element_size() for t in model.state_dict().values()))} GB of weights, "
+    row.update({"GB/token": read / 1e9, "ceiling": bandwidth / read})
+    print(f"\n{row['label']}: {gb(sum(t.numel() * t.element_size() for t in model.state_dict().values()))} of weights, "
           f"{row['GB/token']:.2f} GB read per token: ceiling {row['ceiling']:.0f} tok/s")
     attempt(row, "eager", lambda: measure_eager(row, model, prompt, args))
     if not args.no_compile:
@@ -221,8 +217,6 @@ def measure(label: str, model: Orion, args, bandwidth: float, with_transformers:
         release_memory()
     if with_transformers:
         attempt(row, "transformers", lambda: measure_transformers(row, model, prompt, args))
-        release_memory()
-    return row
 
 
 def attempt(row: dict, what: str, measurement):

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+from benchmarks.bench_generate import best_times
 from nano_orion import Orion, OrionConfig
 from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.hf_mixtral import to_mixtral
@@ -170,12 +171,8 @@ def output_layer_ms(config, n_tokens: int) -> tuple[float, float]:
     h = torch.randn(n_tokens, config.dim, requires_grad=True)
     w = torch.randn(config.vocab_size, config.dim, requires_grad=True)
     y = torch.randint(0, config.vocab_size, (n_tokens,))
-    best = {"plain": float("inf"), "chunked": float("inf")}
-    for _ in range(6):
-        for name, loss in (("plain", lambda: F.cross_entropy(F.linear(h, w), y)), ("chunked", lambda: cross_entropy(h, w, y))):
-            t0 = time.perf_counter()
-            loss().backward()
-            best[name] = min(best[name], time.perf_counter() - t0)
+    best = best_times({"plain": lambda: F.cross_entropy(F.linear(h, w), y).backward(),
+                       "chunked": lambda: cross_entropy(h, w, y).backward()}, repeats=6)
     return 1e3 * best["plain"], 1e3 * best["chunked"]
 
 if __name__ == "__main__":

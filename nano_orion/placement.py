@@ -45,7 +45,8 @@ def plan_placement(sizes: list[int], capacities: list[int]) -> list[int]:
     return plan
 
 
-def _free_bytes(device: torch.device) -> int:
+def free_bytes(device: torch.device) -> int:
+    """What a device offers the weights: 90% of a GPU's free memory, or the CPU's available RAM."""
     if device.type == "cuda":
         return int(0.9 * torch.cuda.mem_get_info(device)[0])  # 10% left for the KV cache and activations
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -71,7 +72,7 @@ def placement(config: OrionConfig, shapes: dict[str, tuple], device, dtype: torc
     for name, shape in shapes.items():
         sizes[module_of(name)] += torch.Size(shape).numel() * dtype.itemsize
     parts = [[m] for m in modules[:-2]] + [modules[-2:]]  # the final norm and the head stay together
-    plan = plan_placement([sum(sizes[m] for m in part) for part in parts], [_free_bytes(d) for d in devices])
+    plan = plan_placement([sum(sizes[m] for m in part) for part in parts], [free_bytes(d) for d in devices])
     return {m: devices[d] for part, d in zip(parts, plan) for m in part}
 
 

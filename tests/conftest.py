@@ -1,4 +1,6 @@
-"""Shared test helpers: the fixture checkpoints and random small models."""
+"""Shared test helpers: the fixture checkpoints and their reference outputs, random small
+models, the device the GPU-path tests use (DEVICE; without a GPU, Triton kernels run in its
+interpreter), and checks of weights and of one-line usage errors."""
 
 import functools
 import importlib.util
@@ -52,6 +54,15 @@ def usage_error(capsys, main, argv) -> str:
 def reference(name: str) -> dict[str, torch.Tensor]:
     """Outputs of an independent implementation (transformers) on the fixture's weights."""
     return load_file(FIXTURES / name / "reference.safetensors")
+
+
+
+def assert_same_weights(loaded, model):
+    """loaded has model's config and exactly its tensors."""
+    original = model.state_dict()
+    assert loaded.config == model.config and loaded.state_dict().keys() == original.keys()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
 
 
 @st.composite

@@ -32,7 +32,8 @@ def test_bench_gpu_measures_a_compiled_step(capsys):
                                    torch.bfloat16, quantize=True)
     options = argparse.Namespace(new_tokens=6, prompt_tokens=40, long=[48], no_compile=False)
     graphs = counters["stats"]["unique_graphs"]
-    row = bench_gpu.measure("int8, 1 layer", model, options, bandwidth=1e10)
+    row = {"label": "int8, 1 layer"}
+    bench_gpu.measure(row, model, options, bandwidth=1e10)
     assert counters["stats"]["unique_graphs"] - graphs == 1  # compiled once: every row replays that step
     assert row["compiled"] > 0 and row["after 48"] > 0 and row["compile s"] > 0
     assert row["dlogit"] < 0.05  # in logit standard deviations, in the median step (measured: 0.017)

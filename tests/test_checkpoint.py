@@ -13,19 +13,12 @@ from nano_orion.checkpoint import expected_shapes
 from nano_orion.hf_layout import convert_hf, export_hf
 from nano_orion.placement import place, placement, plan_placement
 
-from conftest import FIXTURES, random_model
+from conftest import FIXTURES, assert_same_weights, random_model
 
 
 def small_model(norm_type="layernorm", n_layers=3, seed=0) -> nano_orion.Orion:
     config = OrionConfig.preset("toy", norm_type=norm_type, vocab_size=100, dim=32, n_layers=n_layers, ffn_dim=16, max_seq_len=32)
     return random_model(config, seed)
-
-
-def assert_same_weights(loaded, model):
-    original = model.state_dict()
-    assert loaded.config == model.config and loaded.state_dict().keys() == original.keys()
-    for name, tensor in loaded.state_dict().items():
-        assert torch.equal(tensor, original[name]), name
 
 
 def test_save_load_round_trip_sharded(tmp_path):
@@ -153,7 +146,7 @@ def test_load_places_a_split_model_with_hooks(tmp_path, monkeypatch):
 
 def test_load_says_when_the_devices_are_too_small(tmp_path, monkeypatch):
     nano_orion.save(small_model(), tmp_path)
-    monkeypatch.setattr("nano_orion.placement._free_bytes", lambda device: 1000)
+    monkeypatch.setattr("nano_orion.placement.free_bytes", lambda device: 1000)
     with pytest.raises(CheckpointError, match="the model needs .* use more or larger GPUs"):
         nano_orion.load(tmp_path, device=["cpu", "cpu"])
 
@@ -185,7 +178,7 @@ def test_plan_refuses_what_does_not_fit():
 def test_released_model_in_bf16_fits_two_80gb_gpus(monkeypatch):
     """The 96 GB of bf16 weights over two 80 GB GPUs (72 GB usable each), built on meta: no GPU needed."""
     config = OrionConfig.preset("orion-moe-8x7b")
-    monkeypatch.setattr("nano_orion.placement._free_bytes", lambda device: 72 * 10**9)
+    monkeypatch.setattr("nano_orion.placement.free_bytes", lambda device: 72 * 10**9)
     where = placement(config, expected_shapes(config), ["cuda:0", "cuda:1"], torch.bfloat16)
     layer_devices = [where[f"layers.{i}"].index for i in range(config.n_layers)]
     assert layer_devices == [0] * 16 + [1] * 16

@@ -7,10 +7,11 @@
 * What a block prints is shown under it in a ```text output block, and must match what it
   prints now (numbers to a couple of units in their last printed digit; `...` stands for
   any text). A block that prints shows its output; one that prints nothing shows none.
-* Every relative link in those files points at a file that exists, and a link whose text
-  is a `name` pointing at a .py file names a function or class defined in that file, at
-  the line its #L<n> anchor gives.
-* docs/README.md lists every walkthrough, in reading order.
+* Every relative link in those files points at a file that exists (and a .md#anchor link at
+  a heading of that page), and a link whose text is a `name` pointing at a .py file names a
+  function or class defined in that file, at the line its #L<n> anchor gives.
+* docs/README.md lists every walkthrough, in reading order, and each walkthrough opens with
+  what you will learn.
 
 `make docs-refresh` (scripts/refresh_docs.py, whose functions these tests use) rewrites the
 shown outputs and the line anchors from the code.

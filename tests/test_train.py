@@ -14,7 +14,7 @@ import train
 from nano_orion import Orion, OrionConfig, checkpoint
 from nano_orion.moe import load_balancing_loss
 
-from conftest import FIXTURES, load_script
+from conftest import FIXTURES, assert_same_weights, load_script
 
 generate_cli = load_script("generate.py")
 TOKENIZER = FIXTURES / "orion-mini-rmsnorm" / "tokenizer.model"  # a real one: load() and generate.py read it
@@ -159,15 +159,14 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, corpus, capsys):
 
 def save_at(out, model, step):
     optimizer = torch.optim.AdamW(train.param_groups(model, 0.1))
-    train.save_checkpoint(out, model, optimizer, model.config, TOKENIZER, {"step": step, "tokens": 0}, rank=0)
+    train.save_checkpoint(out, model, optimizer, TOKENIZER, {"step": step, "tokens": 0}, rank=0)
 
 
 def assert_readers_see(out, model, step):
     """nano_orion.load(), generate.py and --resume read `model`'s weights (and --resume its step)."""
     loaded, tokenizer = nano_orion.load(out)
     assert tokenizer is not None
-    for (name, a), b in zip(loaded.state_dict().items(), model.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(loaded, model)
     parser, args = generate_cli.parse_args(["--ckpt", str(out), "--device", "cpu"])
     assert torch.equal(generate_cli.load(parser, args)[0].lm_head.weight, model.lm_head.weight)
     fresh = Orion(model.config)
@@ -234,7 +233,7 @@ def test_resume_reads_sharded_checkpoints(tmp_path, monkeypatch):
     optimizer.step()
     (tmp_path / "tok.model").write_bytes(b"any")
     monkeypatch.setattr(train, "MAX_SHARD_BYTES", 100_000)  # what a model over 5 GB gets: shards + index
-    train.save_checkpoint(tmp_path, model, optimizer, config, tmp_path / "tok.model", {"step": 7, "tokens": 0}, rank=0)
+    train.save_checkpoint(tmp_path, model, optimizer, tmp_path / "tok.model", {"step": 7, "tokens": 0}, rank=0)
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     fresh = Orion(config)
     fresh_optimizer = torch.optim.AdamW(train.param_groups(fresh, 0.1))
@@ -265,7 +264,7 @@ def test_a_new_checkpoint_leaves_no_stale_shards(tmp_path):
     nano_orion.save(model, tmp_path, max_shard_bytes=100_000)  # an earlier, sharded save
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
-    train.save_checkpoint(tmp_path, model, optimizer, config, tmp_path / "tok.model", {"step": 1, "tokens": 0}, rank=0)
+    train.save_checkpoint(tmp_path, model, optimizer, tmp_path / "tok.model", {"step": 1, "tokens": 0}, rank=0)
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
     loaded = nano_orion.checkpoint.load_nano(tmp_path)
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
