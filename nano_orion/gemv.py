@@ -55,9 +55,11 @@ def use_triton(x) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _expert_gemv_kernel(x_ptr, w_ptr, scale_ptr, expert_ptr, y_ptr, n_out, n_in,
+    def _expert_gemv_kernel(x_ptr, w_ptr, scale_ptr, expert_ptr, y_ptr, n_out, n_in: tl.constexpr,
                             stride_x, stride_we, stride_wo, stride_se, stride_y,
                             HAS_SCALE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+        # n_in is a compile-time constant: the loop below has a known trip count (one kernel per
+        # matrix width, of which a model has two), and Triton's interpreter needs a plain int there
         r = tl.program_id(0)  # which row of x
         o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)  # which output rows of its expert
         e = tl.load(expert_ptr + r).to(tl.int64)
