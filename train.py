@@ -36,7 +36,7 @@ from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
 from nano_orion.device import resolve_device
-from nano_orion.moe import expert_counts, grouped_mm_runs, load_balancing_loss
+from nano_orion.moe import expert_counts, load_balancing_loss
 
 # Dense bf16 peak of known GPUs (spec sheets, without sparsity), for the MFU estimate. A key
 # must be a whole word of torch.cuda.get_device_name(): "L4" is not "L40S", "A10" not "A10G".
@@ -441,9 +441,6 @@ def main(argv=None):
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * proc.world
     flops_per_token = 6 * config.n_active_params()  # forward 2N, backward 4N (attention scores left out)
     peak = args.peak_flops or peak_flops(proc.device, proc.amp_dtype)
-    grouped = grouped_mm_runs(proc.device, proc.amp_dtype or torch.float32, config.dim, config.ffn_dim, args.compile)
-    say("experts: " + ("one F.grouped_mm per projection for all of them" if grouped else
-                       "one matmul per expert (F.grouped_mm does not run here: moe.grouped_mm_runs)"))
     say(f"{args.config}: {config.n_params() / 1e6:.2f} M parameters, {config.n_active_params() / 1e6:.2f} M active "
         f"per token, vocab {config.vocab_size}; {proc.world} process(es) on {proc.device}, "
         f"{proc.amp_dtype or torch.float32}; {tokens_per_step:,} tokens per step; MFU relative to {peak / 1e12:.3g} TFLOP/s")
