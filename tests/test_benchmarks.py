@@ -2,6 +2,7 @@
 must not be the first time their code executes."""
 
 import argparse
+import math
 
 import pytest
 import torch
@@ -51,7 +52,9 @@ def test_a_failing_measurement_costs_only_its_own_cells(monkeypatch, capsys):
                              "--long", "24", "--new-tokens", "4"])
     captured = capsys.readouterr()
     table = [line.split(" | ") for line in captured.out.splitlines() if line.startswith("| int8") or line.startswith("| bf16")]
-    assert status == 1 and len(table) == 3 and all(float(cells[3]) > 0 for cells in table)  # every row's eager tok/s
+    # every row's eager tok/s was measured (a number, not the blank of a failed part; at 4 tokens on a
+    # busy machine timing noise can make it any number, so its value is not checked)
+    assert status == 1 and len(table) == 3 and all(math.isfinite(float(cells[3])) for cells in table)
     assert "failed: int8, 1 layers: compiled (RuntimeError: no kernel for this shape)" in captured.out
     assert captured.out.index("Traceback") < captured.out.index("| model |")  # in order, before the table
 
