@@ -13,9 +13,12 @@
 #   make bench-gpu PY=python3        Orion-MoE8x7B's decoding speed on the GPU (benchmarks/bench_gpu.py)
 #   make bench-train-gpu PY=python3  training a 583 M MoE: nano_orion eager and compiled vs transformers
 #
-# TORCH is the torch requirement pip installs (default torch==2.13.0; e.g. `make TORCH='torch>=2.6' test`).
-# Which build that is depends on your platform and pip configuration: on Linux, PyPI's default is the
-# CUDA build; add PyTorch's CPU index to your pip configuration for the smaller CPU wheel.
+# TORCH is the torch requirement pip installs into VENV (default torch==2.13.0). Which build that is
+# depends on your platform and pip configuration: on Linux, PyPI's default is the CUDA build; add
+# PyTorch's CPU index to your pip configuration for the smaller CPU wheel. Another torch gets a venv
+# of its own, so .venv is left as it is:
+#   make test TORCH=torch==2.11.0 VENV=.venv-2.11
+# A venv keeps the torch it was made with; asking it for another one is refused, naming both.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -24,13 +27,17 @@ PY := $(VENV)/bin/python
 .PHONY: install test demo collapse-demo bench figures docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
 
 install: $(VENV)/.installed
+	@made_with="$$(cat $(VENV)/.installed)"; if [ "$$made_with" != '$(TORCH)' ]; then \
+		echo "make: $(VENV) was made with $${made_with:-another torch}, not $(TORCH): give this torch a venv of its own (VENV=.venv-...), or remove $(VENV) (make clean)" >&2; \
+		exit 2; fi
 
+# The stamp holds the torch requirement the venv was made with.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77"
+	$(PY) -m pip install -q '$(TORCH)'
 	$(PY) -m pip install -q -e ".[test]"
-	touch $@
+	echo '$(TORCH)' > $@
 
 test: install
 	$(PY) -m pytest -q

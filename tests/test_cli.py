@@ -1,11 +1,13 @@
-"""What a newcomer types gets a result or a one-line error, and the numbers printed are true
-(issue 13). A few cases run the scripts as real processes, to see the whole stderr; the rest
+"""What a newcomer types gets a result or a one-line error, and the numbers printed are true.
+A few cases run the scripts as real processes, to see the whole stderr; the rest
 call main(argv) in the test process, which costs no second torch import. Also: each tool's
---help, the Makefile's promises (the torch pin the README states, make gpu-check going on
-after a failing step) and pyproject.toml's build configuration."""
+--help, the Makefile's promises (the torch pin and the supported range the README states, a
+venv kept to its torch, make gpu-check going on after a failing step) and pyproject.toml's
+build configuration."""
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -167,6 +169,30 @@ def test_makefile_and_readme_agree_on_the_torch_build():
     assert f"The Makefile pins `{pin}`" in readme
     for text in (re.sub(r"\s*\n#\s*", " ", makefile), readme):
         assert "on Linux, PyPI's default is the CUDA build" in text and "CPU index" in text
+
+
+def test_readme_and_ci_state_the_supported_range_that_pyproject_declares():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    python = re.search(r'^requires-python = ">=(3\.\d+)"$', pyproject, re.M).group(1)
+    newest = max(re.findall(r'"Programming Language :: Python :: (3\.\d+)"', pyproject), key=lambda v: int(v[2:]))
+    torch_floor = re.search(r'"torch>=(\d+\.\d+)"', pyproject).group(1)
+    readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    assert f"Python {python} or newer" in readme and f"supports Python {python} to {newest} and torch {torch_floor} or newer" in readme
+    assert f"make test TORCH=torch=={torch_floor}.0 VENV=" in (ROOT / ".ci" / "run").read_text()  # the floor is tested
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_refuses_a_venv_made_with_another_torch(tmp_path):
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed").write_text("torch==2.11.0\n")
+    later = (ROOT / "pyproject.toml").stat().st_mtime + 60
+    os.utime(venv / ".installed", (later, later))  # up to date: make goes straight to the check
+    done = subprocess.run(["make", "-s", "-C", str(ROOT), "install", f"VENV={venv}", "TORCH=torch==2.13.0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert f"make: {venv} was made with torch==2.11.0, not torch==2.13.0: give this torch a venv of its own" in done.stderr
+    assert (venv / ".installed").read_text() == "torch==2.11.0\n"  # nothing reinstalled
 
 
 def test_readme_python_api_runs_from_any_folder(tmp_path, monkeypatch, capsys):
