@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-ids", help="the prompt as comma-separated token ids, e.g. 506,449,232 (for exact reproduction)")
     p.add_argument("--chat", action="store_true", help="a conversation in Orion's chat format: type messages at 'you> ', "
                    "/reset starts over, /exit or Ctrl-D leaves")
-    p.add_argument("--system", help="with --chat: a system message, put in front of the first user message")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message, put in front of the first user message")
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="most tokens to generate per prompt (with --chat, per reply); the longest prompt (the "
                         "conversation) plus these must fit in the model's max_seq_len")
