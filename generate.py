@@ -180,17 +180,24 @@ def heading(prompt: int, n_prompts: int, sample: int, n_samples: int) -> str:
     return f"──── {', '.join(parts)} ────"
 
 
-def chat_session(p, args, model, tokenizer, sampling, generator, decode_step):
-    """--chat: read messages at "you> ", stream the replies, keep the history within max_seq_len."""
+def chat_start(p, args, tokenizer, config) -> list[dict]:
+    """The conversation --chat starts from (the --system message, if any), or a one-line error,
+    before anything is printed, if not even an empty message would fit with its reply."""
     start = [{"role": "system", "content": args.system}] if args.system is not None else []
-    max_seq_len = model.config.max_seq_len
-    room = max_seq_len - args.max_new_tokens  # for the conversation, before the reply
+    room = config.max_seq_len - args.max_new_tokens  # for the conversation, before the reply
     shortest = len(chat_ids(tokenizer, start + [{"role": "user", "content": ""}]))
     if shortest > room:
         with_system = " with --system" if start else ""
         p.error(f"--max-new-tokens {args.max_new_tokens}: a turn{with_system} takes at least {shortest} tokens, and the "
-                f"model's max_seq_len {max_seq_len} leaves room for {max(room, 0)}; ask for fewer new tokens"
+                f"model's max_seq_len {config.max_seq_len} leaves room for {max(room, 0)}; ask for fewer new tokens"
                 + (" or shorten --system" if start else ""))
+    return start
+
+
+def chat_session(p, args, start, model, tokenizer, sampling, generator, decode_step):
+    """--chat: read messages at "you> ", stream the replies, keep the history within max_seq_len."""
+    max_seq_len = model.config.max_seq_len
+    room = max_seq_len - args.max_new_tokens  # for the conversation, before the reply
     history = start
     while True:
         try:
@@ -227,6 +234,7 @@ def main(argv=None):
     model, tokenizer = load(p, args)
     given = args.prompt is not None or args.prompt_file is not None or args.prompt_ids is not None
     texts, ids = command_line_prompts(p, args, tokenizer, model.config) if given else (None, None)
+    start = chat_start(p, args, tokenizer, model.config) if args.chat else None
     decode_step = None
     if args.compile:  # compiled for the batch the prompts make (interactive: one at a time), before any text is shown
         start = time.perf_counter()
@@ -266,7 +274,7 @@ def main(argv=None):
 
     try:
         if args.chat:
-            chat_session(p, args, model, tokenizer, sampling, generator, decode_step)
+            chat_session(p, args, start, model, tokenizer, sampling, generator, decode_step)
         elif given:
             run(texts, ids)
         else:  # interactive
