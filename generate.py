@@ -2,6 +2,7 @@
 
     python generate.py --ckpt CHECKPOINT_DIR --prompt "The capital of France is"
     python generate.py --ckpt CHECKPOINT_DIR                      # interactive: type prompts
+    python generate.py --ckpt CHECKPOINT_DIR --chat               # a conversation, turn by turn
     python generate.py --ckpt DIR --device cuda --dtype bfloat16 --quantize int8 --compile
 
 CHECKPOINT_DIR is a nano_orion checkpoint or the released Hugging Face layout, with its
@@ -11,6 +12,12 @@ prompt); prompt tokens, time to first token and decode speed go to stderr. Sever
 --prompt flags run as one left-padded batch and print when all are done. With several
 completions (prompts or --num-samples), each one follows a line of its own such as
 "──── prompt 2 of 3, sample 1 of 2 ────" and ends with one newline.
+
+--chat holds a conversation in Orion's chat format (nano_orion/conversation.py): type a
+message at "you> ", the reply streams back and ends at eos, at the model's own "Human:",
+or after --max-new-tokens. The history is kept for the next turn; when it would not fit
+in the model's max_seq_len with room for --max-new-tokens, its oldest turns are dropped
+(said on stderr). /reset starts over, /exit or Ctrl-D (end of input) leaves.
 """
 
 import re
@@ -24,6 +31,7 @@ import nano_orion
 from nano_orion.checkpoint import checkpoint_dir
 from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.config import DTYPES
+from nano_orion.conversation import chat_ids, fit_history
 from nano_orion.device import resolve_device
 from nano_orion.quantize import quantize_model
 from nano_orion.sampler import ORION_DEMO, SamplingConfig, compile_decode_step
@@ -43,9 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", help="prompt text; repeat the flag to run several prompts as one batch")
     p.add_argument("--prompt-file", help="read the prompt from this file (the whole file is one prompt)")
     p.add_argument("--prompt-ids", help="the prompt as comma-separated token ids, e.g. 506,449,232 (for exact reproduction)")
+    p.add_argument("--chat", action="store_true", help="a conversation in Orion's chat format: type messages at 'you> ', "
+                   "/reset starts over, /exit or Ctrl-D leaves")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message, put in front of the first user message")
     p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="most tokens to generate per prompt; the longest prompt plus these must fit in the model's "
-                        "max_seq_len")
+                   help="most tokens to generate per prompt (with --chat, per reply); the longest prompt (the "
+                        "conversation) plus these must fit in the model's max_seq_len")
     demo = ORION_DEMO
     p.add_argument("--temperature", type=float, default=demo.temperature, help="softmax temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=demo.top_k, help="sample among the k most likely tokens; 0 = all")
@@ -66,6 +77,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.prompt, args.prompt_file, args.prompt_ids)) > 1:
         p.error("give only one of --prompt, --prompt-file, --prompt-ids")
+    if args.chat:
+        not_in_chat = [("--prompt", args.prompt is not None), ("--prompt-file", args.prompt_file is not None),
+                       ("--prompt-ids", args.prompt_ids is not None), ("--stop", args.stop != []),
+                       ("--num-samples", args.num_samples != 1)]
+        for flag, given in not_in_chat:
+            if given:
+                p.error(f"{flag}: not with --chat, whose messages are typed at 'you> '; leave out one of the two")
+    elif args.system is not None:
+        p.error("--system: only with --chat; add --chat, or put the text in the prompt")
     if args.prompt_file is not None and not Path(args.prompt_file).is_file():
         p.error(f"--prompt-file {args.prompt_file}: no such file; give a text file holding the prompt")
     if args.prompt_ids is not None:
@@ -160,11 +180,61 @@ def heading(prompt: int, n_prompts: int, sample: int, n_samples: int) -> str:
     return f"──── {', '.join(parts)} ────"
 
 
+def chat_start(p, args, tokenizer, config) -> list[dict]:
+    """The conversation --chat starts from (the --system message, if any), or a one-line error,
+    before anything is printed, if not even an empty message would fit with its reply."""
+    start = [{"role": "system", "content": args.system}] if args.system is not None else []
+    room = config.max_seq_len - args.max_new_tokens  # for the conversation, before the reply
+    shortest = len(chat_ids(tokenizer, start + [{"role": "user", "content": ""}]))
+    if shortest > room:
+        with_system = " with --system" if start else ""
+        p.error(f"--max-new-tokens {args.max_new_tokens}: a turn{with_system} takes at least {shortest} tokens, and the "
+                f"model's max_seq_len {config.max_seq_len} leaves room for {max(room, 0)}; ask for fewer new tokens"
+                + (" or shorten --system" if start else ""))
+    return start
+
+
+def chat_session(p, args, start, model, tokenizer, sampling, generator, decode_step):
+    """--chat: read messages at "you> ", stream the replies, keep the history within max_seq_len."""
+    max_seq_len = model.config.max_seq_len
+    room = max_seq_len - args.max_new_tokens  # for the conversation, before the reply
+    history = start
+    while True:
+        try:
+            text = input("you> ")
+        except EOFError:
+            print()  # end the prompt's line
+            return
+        if text.strip() == "/exit":
+            return
+        if text.strip() == "/reset":
+            history = start
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        if not text.strip():
+            continue
+        messages = history + [{"role": "user", "content": text}]
+        try:
+            kept = fit_history(tokenizer, messages, room)
+        except ValueError as e:
+            print(f"{p.prog}: {e}", file=sys.stderr)
+            continue
+        if dropped := sum(m["role"] == "user" for m in messages) - sum(m["role"] == "user" for m in kept):
+            turns = "turn" if dropped == 1 else f"{dropped} turns"
+            print(f"[dropped the oldest {turns} to fit the model's max_seq_len {max_seq_len} with room for "
+                  f"{args.max_new_tokens} new tokens]", file=sys.stderr)
+        reply = nano_orion.chat(model, tokenizer, kept, sampling, stream=lambda chunk: print(chunk, end="", flush=True),
+                                max_new_tokens=args.max_new_tokens, generator=generator, decode_step=decode_step)
+        print(flush=True)
+        history = kept + [{"role": "assistant", "content": reply}]
+
+
 def main(argv=None):
     p, args = parse_args(argv)
     model, tokenizer = load(p, args)
     given = args.prompt is not None or args.prompt_file is not None or args.prompt_ids is not None
     texts, ids = command_line_prompts(p, args, tokenizer, model.config) if given else (None, None)
+    start = chat_start(p, args, tokenizer, model.config) if args.chat else None
     decode_step = None
     if args.compile:  # compiled for the batch the prompts make (interactive: one at a time), before any text is shown
         start = time.perf_counter()
@@ -203,7 +273,9 @@ def main(argv=None):
             )
 
     try:
-        if given:
+        if args.chat:
+            chat_session(p, args, start, model, tokenizer, sampling, generator, decode_step)
+        elif given:
             run(texts, ids)
         else:  # interactive
             while True:

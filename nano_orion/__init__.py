@@ -4,6 +4,7 @@ import torch
 
 from .checkpoint import CheckpointError, checkpoint_dir, is_nano_checkpoint, load_nano, save
 from .config import OrionConfig
+from .conversation import chat
 from .hf_layout import load_hf
 from .model import Orion
 from .sampler import SamplingConfig, generate
@@ -30,4 +31,4 @@ def load(path, device="cpu", dtype=torch.float32):
     return model, tokenizer
 
 
-__all__ = ["OrionConfig", "Orion", "load", "save", "generate", "SamplingConfig", "Tokenizer", "CheckpointError"]
+__all__ = ["OrionConfig", "Orion", "load", "save", "generate", "chat", "SamplingConfig", "Tokenizer", "CheckpointError"]

@@ -31,9 +31,14 @@ class StreamDecoder:
     """
 
     def __init__(self, tokenizer: Tokenizer, context=()):
-        """context: ids already shown (the prompt), so the first new word gets its leading space."""
+        """context: ids already shown (the prompt), so the first new word gets its leading space.
+        An eos ends a text: only the context after its last eos counts, so that the new ids
+        after an eos (a chat reply, conversation.py) decode as a text of their own, as
+        sentencepiece encoded them, without a leading space."""
         self.tokenizer = tokenizer
         self.ids: list[int] = [int(i) for i in context]
+        if tokenizer.eos_id in self.ids:
+            self.ids = self.ids[len(self.ids) - self.ids[::-1].index(tokenizer.eos_id) :]
         self.prefix = 0
         self.read = len(self.ids)
 

@@ -1,9 +1,13 @@
 """train.py: the recipe's pieces, overfitting a tiny corpus, exact resume, the log."""
 
 import codecs
+import contextlib
+import io
 import json
 import math
 import os
+import subprocess
+import sys
 import this
 
 import pytest
@@ -13,8 +17,9 @@ import nano_orion
 import train
 from nano_orion import Orion, OrionConfig, checkpoint
 from nano_orion.moe import load_balancing_loss
+from nano_orion.sampler import ORION_DEMO
 
-from conftest import FIXTURES, assert_same_weights, load_script
+from conftest import FIXTURES, ROOT, assert_same_weights, load_script
 
 generate_cli = load_script("generate.py")
 TOKENIZER = FIXTURES / "orion-mini-rmsnorm" / "tokenizer.model"  # a real one: load() and generate.py read it
@@ -98,10 +103,24 @@ def test_aux_loss_reaches_the_router_only():
     assert aux.item() == pytest.approx(sum(load_balancing_loss(p, e).item() for p, e in routers) / 2)
 
 
-def test_tiny_model_overfits_tiny_corpus_and_logs(tmp_path, corpus, capsys):
-    out = tmp_path / "out"
-    train.main(tiny_run(tmp_path, corpus, out, "--max-iters", "120", "--eval-interval", "60", "--lr", "1e-2",
-                        "--warmup-iters", "10"))
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory, corpus):
+    """A tiny model trained (120 steps, one thread) until it has memorised the corpus: its
+    checkpoint folder and what train.py printed (tqdm.write's lines, above the bar)."""
+    tmp_path = tmp_path_factory.mktemp("overfit")
+    out, said, threads = tmp_path / "out", io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(said):
+            train.main(tiny_run(tmp_path, corpus, out, "--max-iters", "120", "--eval-interval", "60", "--lr", "1e-2",
+                                "--warmup-iters", "10"))
+    finally:
+        torch.set_num_threads(threads)
+    return out, said.getvalue()
+
+
+def test_tiny_model_overfits_tiny_corpus_and_logs(overfit):
+    out, said = overfit
     log = read_log(out)
     steps = [r for r in log if r["kind"] == "train"]
     evals = [r for r in log if r["kind"] == "eval"]
@@ -109,7 +128,6 @@ def test_tiny_model_overfits_tiny_corpus_and_logs(tmp_path, corpus, capsys):
     assert [r["step"] for r in steps] == list(range(1, 121))
     assert [r["step"] for r in evals] == [60, 120]
     assert [(r["step"], r["folder"]) for r in saves] == [(60, str(out)), (120, str(out))]
-    said = capsys.readouterr().out  # tqdm.write's lines, above the bar
     for r in saves:
         assert r["seconds"] > 0 and f"step {r['step']}: saved the checkpoint to {out} in {r['seconds']:.1f} s" in said
     assert steps[0]["loss"] > 5.0  # starts near ln(vocab) ~ ln(320) = 5.8
@@ -123,6 +141,26 @@ def test_tiny_model_overfits_tiny_corpus_and_logs(tmp_path, corpus, capsys):
         assert r["tokens_per_s"] > 0 and r["mfu"] > 0
         assert len(r["expert_load"]) == 2 and all(len(row) == 4 and abs(sum(row) - 1) < 1e-5 for row in r["expert_load"])
     assert steps[-1]["lr"] == pytest.approx(1e-3)  # the cosine ends at 10% of --lr
+
+
+def test_chat_with_the_trained_model(overfit):
+    """generate.py --chat on the checkpoint, in a subprocess fed a script on stdin: two turns (the
+    second drops the first: max_seq_len is 64), /reset, one more, /exit. Each reply is chat()'s
+    on the history that fits, with the same draws."""
+    out, _ = overfit
+    script = "Beautiful is\nExplicit is\n/reset\nSimple is\n/exit\nnever read\n"
+    run = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--ckpt", str(out), "--chat", "--device", "cpu",
+                          "--max-new-tokens", "16", "--seed", "0"], input=script, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ("[dropped the oldest turn to fit the model's max_seq_len 64 with room for 16 new tokens]\n"
+                          "[conversation reset]\n")
+    model, tokenizer = nano_orion.load(out)
+    generator = torch.Generator().manual_seed(0)
+    first, second, third = (nano_orion.chat(model, tokenizer, [{"role": "user", "content": text}], ORION_DEMO,
+                                            max_new_tokens=16, generator=generator)
+                            for text in ("Beautiful is", "Explicit is", "Simple is"))  # alone: the first turn was dropped
+    assert all(reply.strip() for reply in (first, second, third))  # the toy model's words, however loosely strung
+    assert run.stdout == f"you> {first}\nyou> {second}\nyou> you> {third}\nyou> "
 
 
 def test_resume_continues_exactly(tmp_path, corpus):
