@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 import nano_orion
-from nano_orion.checkpoint import checkpoint_dir
 from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.config import DTYPES
 from nano_orion.device import resolve_device
@@ -100,7 +99,6 @@ def load(p, args):
     ckpt = Path(args.ckpt)
     if not ckpt.is_dir():
         p.error(f"--ckpt {ckpt}: no such folder; point it at a checkpoint folder")
-    ckpt = checkpoint_dir(ckpt)  # a save past its commit point (train.py) that a kill kept from its place
     if not (ckpt / "config.json").exists():
         p.error(f"--ckpt {ckpt}: no config.json; point it at a checkpoint folder (nano_orion or released layout)")
     if not (ckpt / "tokenizer.model").exists():

@@ -12,7 +12,7 @@ import nano_orion
 import train
 from test_train import corpus, one_thread, read_log, tiny_run  # noqa: F401  (fixtures)
 
-STEPS = ["--max-iters", "4", "--eval-interval", "4", "--warmup-iters", "2", "--lr", "1e-2", "--peak-flops", "1e11"]
+STEPS = ["--max-iters", "4", "--eval-interval", "4", "--warmup-iters", "2", "--lr", "1e-2", "--peak-tflops", "0.1"]
 
 
 def free_port() -> int:
