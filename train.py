@@ -71,7 +71,7 @@ def default_threads() -> int:
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", default="toy",
                    help=f"model shape: a preset ({', '.join(sorted(PRESETS))}) or a JSON file of OrionConfig fields; "
                         "vocab_size is replaced by the tokenizer's (see --vocab-size)")
@@ -307,10 +307,12 @@ def prepare_data(parser, args, proc: Process, say):
     """The cached tokenizer and token files for --data: rank 0 prepares (or finds) them, the others
     wait. -> (data folder, train tokens, val tokens), the tokens memory-mapped."""
     try:
+        if proc.master:
+            Path(args.data_dir).mkdir(parents=True, exist_ok=True)
         data_dir = prepare(args.data, args.data_dir, args.vocab_size, log=say) if proc.master else None
     except DataError as e:
         parser.error(str(e))
-    except OSError as e:  # read-only, full, or not a folder
+    except OSError as e:  # not a folder, read-only (when the data is not prepared there yet), full
         parser.error(f"--data-dir {args.data_dir}: cannot write the prepared data there ({e.strerror or e}); "
                      "choose another --data-dir")
     if proc.world > 1:
@@ -364,11 +366,12 @@ def build_model(config: OrionConfig, proc: Process, fsdp: bool) -> Orion:
     return model
 
 
-def resume_settings(parser, args, given: set, saved: dict, step: int, say) -> None:
+def resume_settings(parser, args, given: set, saved: dict, step: int) -> list[str]:
     """Put the run's saved settings (train_state.pt's "args") for RUN_FLAGS into `args`. A flag
     that the command line gives with another value is refused, except those in CHANGEABLE,
-    which are applied and said (and for --max-iters, what it does to the schedule)."""
+    which are applied -> what to say of them (for --max-iters, what it does to the schedule)."""
     saved = {**saved, "lr_decay_iters": saved["lr_decay_iters"] or saved["max_iters"]}  # the schedule as planned
+    notes = []
     for name in RUN_FLAGS:
         flag, value = "--" + name.replace("_", "-"), getattr(args, name)
         if name not in saved:  # a setting the run did not record: the command line's
@@ -379,15 +382,16 @@ def resume_settings(parser, args, given: set, saved: dict, step: int, say) -> No
             parser.error(f"--resume: {flag} {value} differs from the run's {saved[name]}, and a resumed run keeps its "
                          f"data, model and schedule; leave out {flag}, or start a new run (--overwrite, or another --out-dir)")
         elif name == "max_iters" and value > args.lr_decay_iters:
-            say(f"--resume: {flag} {value} (the run had {saved[name]}): the learning rate's cosine ends at step "
-                f"{args.lr_decay_iters} (--lr-decay-iters), so the steps after it run at its floor, 10% of --lr "
-                "(to decay over a longer run, give --lr-decay-iters its final length when starting it)")
+            notes.append(f"--resume: {flag} {value} (the run had {saved[name]}): the learning rate's cosine ends at step "
+                         f"{args.lr_decay_iters} (--lr-decay-iters), so the steps after it run at its floor, 10% of --lr "
+                         "(to decay over a longer run, give --lr-decay-iters its final length when starting it)")
         else:
-            say(f"--resume: {flag} {value} (the run had {saved[name]})" +
-                (f"; the learning-rate schedule is unchanged" if name == "max_iters" else ""))
+            notes.append(f"--resume: {flag} {value} (the run had {saved[name]})" +
+                         ("; the learning-rate schedule is unchanged" if name == "max_iters" else ""))
     if step >= args.max_iters:
         parser.error(f"--resume: the run in {args.out_dir} already reached step {step} of --max-iters {args.max_iters}; "
                      "pass a larger --max-iters to train on")
+    return notes
 
 
 def make_out_dir(parser, out_dir: Path, resume: bool) -> None:
@@ -568,7 +572,7 @@ def train(parser, args, given: set, proc: Process):
             config = read_nano(out_dir)[0]
         except CheckpointError as e:
             parser.error(f"--resume: {e}")
-        resume_settings(parser, args, given, state["args"], state["step"], say)
+        notes = resume_settings(parser, args, given, state["args"], state["step"])
     elif proc.master:
         fresh_start(parser, out_dir, args.overwrite, say)
 
@@ -603,6 +607,8 @@ def train(parser, args, given: set, proc: Process):
         if proc.master:
             truncate_log(out_dir / "log.jsonl", step)
         say(f"resumed from {out_dir} at step {step}")
+        for note in notes:
+            say(note)
 
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * proc.world
     flops_per_token = 6 * config.n_active_params()  # forward 2N, backward 4N (attention scores left out)
