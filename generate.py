@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import nano_orion
-from nano_orion.cli import ArgumentParser, HelpFormatter
+from nano_orion.cli import THREADS_HELP, ArgumentParser, HelpFormatter, default_threads
 from nano_orion.config import DTYPES
 from nano_orion.device import resolve_device
 from nano_orion.quantize import quantize_model
@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (a CUDA graph on GPUs): "
                    "compiling takes a while at start (reported, and not counted in the decode speed), then every step is fast")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: weight-only int8 matmul weights, half of bf16's memory")
+    p.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.prompt, args.prompt_file, args.prompt_ids)) > 1:
         p.error("give only one of --prompt, --prompt-file, --prompt-ids")
@@ -82,6 +83,7 @@ def parse_args(argv=None):
         ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]; 1 = off"),
         ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0, "above 0; 1 = off"),
         ("--no-repeat-ngram-size", args.no_repeat_ngram_size, args.no_repeat_ngram_size >= 0, "0 (off) or more"),
+        ("--threads", args.threads, args.threads >= 1, "at least 1"),
     ]
     for flag, value, valid, allowed in ranges:
         if not valid:
@@ -160,6 +162,7 @@ def heading(prompt: int, n_prompts: int, sample: int, n_samples: int) -> str:
 
 def main(argv=None):
     p, args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     model, tokenizer = load(p, args)
     given = args.prompt is not None or args.prompt_file is not None or args.prompt_ids is not None
     texts, ids = command_line_prompts(p, args, tokenizer, model.config) if given else (None, None)

@@ -41,7 +41,7 @@ import nano_orion
 from nano_orion import Orion, OrionConfig, SamplingConfig, Tokenizer
 from nano_orion.atomic import HOST
 from nano_orion.checkpoint import MAX_SHARD_BYTES, CheckpointError, first_line, is_checkpoint_file, read_nano
-from nano_orion.cli import ArgumentParser, HelpFormatter
+from nano_orion.cli import THREADS_HELP, ArgumentParser, HelpFormatter, default_threads
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
 from nano_orion.device import resolve_device
@@ -61,13 +61,6 @@ RUN_FLAGS = ("config", "data", "data_dir", "vocab_size", "batch_size", "block_si
              "log_interval")
 CHANGEABLE = ("data_dir", "max_iters", "eval_interval", "eval_iters", "log_interval")
 LOCK = ".lock"  # in OUT_DIR: held by the run writing it (`holding`)
-
-
-def default_threads() -> int:
-    """Half the CPUs this process may use, at most 4, at least 1: on a machine that other work
-    shares, torch's default (one thread per CPU) makes each step wait for the slowest thread."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cpus // 2))
 
 
 def parse_args(argv=None):
@@ -116,9 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak TFLOP/s, for MFU (default: the spec sheet's dense bf16 peak for known "
                         "GPUs; elsewhere no MFU is shown without it)")
-    p.add_argument("--threads", type=int, default=default_threads(),
-                   help="torch's CPU threads (torch.set_num_threads); the default, half the CPUs at most 4, keeps "
-                        "steps steady when other work shares the machine, where one thread per CPU would stall")
+    p.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
     unset = object()  # which flags the command line gives: argparse fills in only the attributes a namespace lacks
     given = {name for name, value in vars(p.parse_args(argv, argparse.Namespace(
         **{name: unset for name in vars(p.parse_args([]))}))).items() if value is not unset}
