@@ -213,5 +213,6 @@ def test_generate_threads_sets_torchs_threads(capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(n)
+    capsys.readouterr()
     assert usage_error(capsys, generate.main, ["--ckpt", CKPT, "--threads", "0"]) == \
         "generate.py: error: --threads 0: must be at least 1"
