@@ -214,5 +214,5 @@ def test_generate_threads_sets_torchs_threads(capsys):
     finally:
         torch.set_num_threads(n)
     capsys.readouterr()
-    assert usage_error(capsys, generate.main, ["--ckpt", CKPT, "--threads", "0"]) == \
-        "generate.py: error: --threads 0: must be at least 1"
+    assert usage_error(capsys, generate.main, ["--ckpt", CKPT, "--threads", "0"]).endswith(
+        ": error: --threads 0: must be at least 1")
