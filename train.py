@@ -54,12 +54,12 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12
 
 # The flags of a run: --resume takes them from the checkpoint. Of these, a resumed run may
 # change the ones in CHANGEABLE (how long it runs, how often it logs and evaluates, where the
-# prepared data is cached); the others would change its data, model or schedule mid-way. The
+# prepared data is cached, the peak its MFU is relative to); the others would change its data, model or schedule mid-way. The
 # remaining flags say how this process runs (device, threads, ...): the command line's.
 RUN_FLAGS = ("config", "data", "data_dir", "vocab_size", "batch_size", "block_size", "grad_accum", "lr",
              "warmup_iters", "lr_decay_iters", "weight_decay", "seed", "max_iters", "eval_interval", "eval_iters",
-             "log_interval")
-CHANGEABLE = ("data_dir", "max_iters", "eval_interval", "eval_iters", "log_interval")
+             "log_interval", "peak_tflops")
+CHANGEABLE = ("data_dir", "max_iters", "eval_interval", "eval_iters", "log_interval", "peak_tflops")
 LOCK = ".lock"  # in OUT_DIR: held by the run writing it (`holding`)
 
 
@@ -92,8 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--log-interval", type=int, default=10, help="steps between log.jsonl lines")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out-dir from its checkpoint, with its saved settings; of the flags "
-                        "that define a run, only --max-iters, --eval-interval, --eval-iters, --log-interval and "
-                        "--data-dir may be changed")
+                        "that define a run, only --max-iters, --eval-interval, --eval-iters, --log-interval, "
+                        "--data-dir and --peak-tflops may be changed")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in --out-dir, deleting the checkpoint and log.jsonl of the run there")
     p.add_argument("--device", default="auto",
