@@ -45,18 +45,21 @@ test: install
 # ---- training ----
 # demo: prepare the default corpus (the Python standard library's sources), train the toy
 # model from scratch for 300 steps on the CPU, then generate a sample from it.
-# DEMO_THREADS: torch threads; 1 is the robust choice on a small shared machine.
+# DEMO_THREADS: train.py's and generate.py's --threads; 1 is the robust choice on a small shared machine.
 # The MALLOC_* settings make glibc keep freed memory instead of returning it to the OS, so the
 # step's large temporary tensors (a chunk of logits is 8 MB) reuse pages rather than fault in
 # fresh ones (measured on a 2-core box, 60 steps twice each: 6,000-6,400 training tokens/s with
 # them, 5,000-6,200 without; other libcs ignore them).
 DEMO_OUT ?= out/demo
 DEMO_THREADS ?= 1
-DEMO_ENV = OMP_NUM_THREADS=$(DEMO_THREADS) MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
-DEMO_TRAIN_ARGS = --max-iters 300 --batch-size 16 --block-size 128 --lr 3e-3 --warmup-iters 30 --eval-interval 100 --device cpu
+DEMO_ENV = MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
+DEMO_TRAIN_ARGS = --max-iters 300 --batch-size 16 --block-size 128 --lr 3e-3 --warmup-iters 30 --eval-interval 100 \
+	--device cpu --threads $(DEMO_THREADS)
+# --overwrite: make demo trains afresh each time, replacing the demo run in DEMO_OUT (continue one instead
+# with: python train.py --resume --out-dir out/demo --max-iters 600)
 demo: install
-	$(DEMO_ENV) $(PY) train.py --config toy --out-dir $(DEMO_OUT) $(DEMO_TRAIN_ARGS)
-	$(DEMO_ENV) $(PY) generate.py --ckpt $(DEMO_OUT) \
+	$(DEMO_ENV) $(PY) train.py --config toy --out-dir $(DEMO_OUT) $(DEMO_TRAIN_ARGS) --overwrite
+	$(DEMO_ENV) $(PY) generate.py --ckpt $(DEMO_OUT) --threads $(DEMO_THREADS) \
 		--prompt "$$(printf 'class Parser:\n    def __init__(self')" --max-new-tokens 200 --seed 0
 
 # collapse-demo: the same run (same seed, data and steps) with router_aux_loss_coef = 0, i.e. no
@@ -66,7 +69,7 @@ collapse-demo: install
 	mkdir -p $(dir $(COLLAPSE_OUT))
 	$(PY) -c "import json; from nano_orion import OrionConfig; \
 		print(json.dumps(OrionConfig.preset('toy', router_aux_loss_coef=0.0).to_dict()))" > $(COLLAPSE_OUT).json
-	$(DEMO_ENV) $(PY) train.py --config $(COLLAPSE_OUT).json --out-dir $(COLLAPSE_OUT) $(DEMO_TRAIN_ARGS)
+	$(DEMO_ENV) $(PY) train.py --config $(COLLAPSE_OUT).json --out-dir $(COLLAPSE_OUT) $(DEMO_TRAIN_ARGS) --overwrite
 
 # ---- speed: generation, then training, each against transformers in one run ----
 # GEN_BENCH_ARGS: e.g. "--threads 1 --compile" adds a torch.compile'd decode step (a minute or two more).

@@ -11,7 +11,9 @@ one line naming the file, the problem and the fix, exits with status 1 and leave
 
 import sys
 
-from nano_orion.checkpoint import MAX_SHARD_BYTES, CheckpointError
+from safetensors import SafetensorError
+
+from nano_orion.checkpoint import MAX_SHARD_BYTES, CheckpointError, first_line
 from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.config import DTYPES
 from nano_orion.hf_layout import convert_hf, export_hf
@@ -42,6 +44,10 @@ def main(argv=None) -> int:
         return 1
     except OSError as e:  # disk full, permission denied, ...: the output folder is already removed
         print(f"convert.py: error: {e.filename or args.out}: {e.strerror or e}; fix this and run again", file=sys.stderr)
+        return 1
+    except SafetensorError as e:  # safetensors' own write error, e.g. a disk that filled up after the check
+        print(f"convert.py: error: {args.out}: writing failed ({first_line(e)}); fix this and run again "
+              "(nothing was written)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("convert.py: interrupted; nothing was written", file=sys.stderr)

@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 import nano_orion
-from nano_orion.checkpoint import checkpoint_dir
-from nano_orion.cli import ArgumentParser, HelpFormatter
+from nano_orion.cli import THREADS_HELP, ArgumentParser, HelpFormatter, default_threads
 from nano_orion.config import DTYPES
 from nano_orion.conversation import chat_ids, fit_history
 from nano_orion.device import resolve_device
@@ -74,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (a CUDA graph on GPUs): "
                    "compiling takes a while at start (reported, and not counted in the decode speed), then every step is fast")
     p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: weight-only int8 matmul weights, half of bf16's memory")
+    p.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.prompt, args.prompt_file, args.prompt_ids)) > 1:
         p.error("give only one of --prompt, --prompt-file, --prompt-ids")
@@ -103,6 +103,7 @@ def parse_args(argv=None):
         ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]; 1 = off"),
         ("--repetition-penalty", args.repetition_penalty, args.repetition_penalty > 0, "above 0; 1 = off"),
         ("--no-repeat-ngram-size", args.no_repeat_ngram_size, args.no_repeat_ngram_size >= 0, "0 (off) or more"),
+        ("--threads", args.threads, args.threads >= 1, "at least 1"),
     ]
     for flag, value, valid, allowed in ranges:
         if not valid:
@@ -120,7 +121,6 @@ def load(p, args):
     ckpt = Path(args.ckpt)
     if not ckpt.is_dir():
         p.error(f"--ckpt {ckpt}: no such folder; point it at a checkpoint folder")
-    ckpt = checkpoint_dir(ckpt)  # a save past its commit point (train.py) that a kill kept from its place
     if not (ckpt / "config.json").exists():
         p.error(f"--ckpt {ckpt}: no config.json; point it at a checkpoint folder (nano_orion or released layout)")
     if not (ckpt / "tokenizer.model").exists():
@@ -231,6 +231,7 @@ def chat_session(p, args, start, model, tokenizer, sampling, generator, decode_s
 
 def main(argv=None):
     p, args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     model, tokenizer = load(p, args)
     given = args.prompt is not None or args.prompt_file is not None or args.prompt_ids is not None
     texts, ids = command_line_prompts(p, args, tokenizer, model.config) if given else (None, None)

@@ -3,20 +3,29 @@
     python train.py                                  # toy model on the Python standard library, CPU ok
     python train.py --data my_texts/ --max-iters 2000
     torchrun --nproc_per_node 4 train.py --config toy --batch-size 32     # DDP, one process per GPU
-    python train.py --resume                         # continue exactly where --out-dir left off
+    python train.py --resume --out-dir out/demo      # continue the run in out/demo (make demo's) where it stopped
 
 The recipe (optimizer, learning-rate schedule, losses, precision), the data preparation, the
 format of OUT_DIR/log.jsonl, and how checkpoints are saved atomically and resumed are described
 once, in docs/08_training.md ("The real thing: train.py"); `python train.py --help` lists every
 flag with its default.
+
+OUT_DIR belongs to one run: a live run holds it (a lock the system releases when the process
+ends, however it ends), and a new run refuses a folder holding another run's checkpoint or log
+unless told to --resume it or to --overwrite it. --resume takes the run's saved settings. Ctrl-C
+saves the step reached and stops; a full disk, bad values and unreadable files end in one line.
 """
 
+import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
 import re
-import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +39,9 @@ from tqdm import tqdm
 
 import nano_orion
 from nano_orion import Orion, OrionConfig, SamplingConfig, Tokenizer
-from nano_orion.checkpoint import (MAX_SHARD_BYTES, checkpoint_dir, finish_save, read_nano, saving, write_config,
-                                   write_shards)
-from nano_orion.cli import ArgumentParser, HelpFormatter
+from nano_orion.atomic import HOST
+from nano_orion.checkpoint import MAX_SHARD_BYTES, CheckpointError, first_line, is_checkpoint_file, read_nano
+from nano_orion.cli import THREADS_HELP, ArgumentParser, HelpFormatter, default_threads
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
 from nano_orion.device import resolve_device
@@ -43,9 +52,19 @@ from nano_orion.moe import expert_counts, load_balancing_loss
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
                   "4090": 165e12}
 
+# The flags of a run: --resume takes them from the checkpoint. Of these, a resumed run may
+# change the ones in CHANGEABLE (how long it runs, how often it logs and evaluates, where the
+# prepared data is cached, the peak its MFU is relative to); the others would change its data, model or schedule mid-way. The
+# remaining flags say how this process runs (device, threads, ...): the command line's.
+RUN_FLAGS = ("config", "data", "data_dir", "vocab_size", "batch_size", "block_size", "grad_accum", "lr",
+             "warmup_iters", "lr_decay_iters", "weight_decay", "seed", "max_iters", "eval_interval", "eval_iters",
+             "log_interval", "peak_tflops")
+CHANGEABLE = ("data_dir", "max_iters", "eval_interval", "eval_iters", "log_interval", "peak_tflops")
+LOCK = ".lock"  # in OUT_DIR: held by the run writing it (`holding`)
+
 
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--config", default="toy",
                    help=f"model shape: a preset ({', '.join(sorted(PRESETS))}) or a JSON file of OrionConfig fields; "
                         "vocab_size is replaced by the tokenizer's (see --vocab-size)")
@@ -55,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=4096,
                    help="tokenizer pieces to train (capped for small corpora); the model's vocab_size is the "
                         "tokenizer's piece count rounded up to a multiple of 64")
-    p.add_argument("--out-dir", default="out", help="checkpoint folder, also holding log.jsonl")
+    p.add_argument("--out-dir", default="out", help="checkpoint folder, also holding log.jsonl; a new run refuses "
+                   "one that holds another run's checkpoint or log (see --resume, --overwrite)")
     p.add_argument("--max-iters", type=int, default=500, help="optimizer steps to train for")
     p.add_argument("--lr-decay-iters", type=int, default=None,
                    help="step at which the cosine reaches 10%% of --lr (default: --max-iters); set it beyond "
@@ -70,7 +90,12 @@ def parse_args(argv=None):
                    help="steps between validation, a text sample and a checkpoint, which also end the run")
     p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     p.add_argument("--log-interval", type=int, default=10, help="steps between log.jsonl lines")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out-dir from its checkpoint, with its saved settings; of the flags "
+                        "that define a run, only --max-iters, --eval-interval, --eval-iters, --log-interval, "
+                        "--data-dir and --peak-tflops may be changed")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in --out-dir, deleting the checkpoint and log.jsonl of the run there")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda (the first GPU; under torchrun, each process's LOCAL_RANK GPU), cuda:N, or auto: "
                         "cuda if a GPU is visible, else cpu")
@@ -81,13 +106,26 @@ def parse_args(argv=None):
                    help="torch.compile the forward pass and the losses (the backward follows); slow first steps")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard weights, gradients and optimizer "
                    "state across processes with FSDP2 (fully_shard) instead of replicating them with DDP")
-    p.add_argument("--peak-flops", type=float, default=None,
-                   help="the device's peak FLOP/s for MFU (default: a spec-sheet table for known GPUs, else a "
-                        "measured large-matmul rate, so that CPU MFU is relative to what matmul achieves)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s, for MFU (default: the spec sheet's dense bf16 peak for known "
+                        "GPUs; elsewhere no MFU is shown without it)")
+    p.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
+    unset = object()  # which flags the command line gives: argparse fills in only the attributes a namespace lacks
+    given = {name for name, value in vars(p.parse_args(argv, argparse.Namespace(
+        **{name: unset for name in vars(p.parse_args([]))}))).items() if value is not unset}
     args = p.parse_args(argv)
-    for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+    for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
+                 "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a positive number, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        p.error(f"--weight-decay must be 0 or more, got {args.weight_decay}")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        p.error(f"--peak-tflops must be a positive number, got {args.peak_tflops}")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out-dir and --overwrite deletes it; choose one")
     if args.config not in PRESETS and not Path(args.config).is_file():
         p.error(f"--config {args.config}: neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -96,11 +134,14 @@ def parse_args(argv=None):
                 "or leave out --fsdp")
     if args.warmup_iters < 0:
         p.error(f"--warmup-iters must be at least 0, got {args.warmup_iters}")
+    if args.lr_decay_iters is not None and args.lr_decay_iters < args.warmup_iters:
+        p.error(f"--lr-decay-iters {args.lr_decay_iters} is below --warmup-iters {args.warmup_iters}: the cosine would "
+                "end before the warm-up does; give it at least the warm-up's length (default: --max-iters)")
     try:  # "cpu" or "cuda:N" from here on: with several processes, N is the process's LOCAL_RANK
         args.device = str(resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else None))
     except ValueError as e:
         p.error(f"--device {e}")
-    return p, args
+    return p, args, given
 
 
 # ---- the recipe ------------------------------------------------------------------------
@@ -180,21 +221,15 @@ def spec_peak_flops(device_name: str) -> float | None:
     return next((flops for key, flops in GPU_PEAK_FLOPS.items() if key in words), None)
 
 
-def peak_flops(device, amp_dtype) -> float:
-    """FLOP/s the MFU is relative to: the spec sheet for known GPUs, else a measured matmul."""
-    if device.type == "cuda" and (flops := spec_peak_flops(torch.cuda.get_device_name(device))):
-        return flops
-    n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=amp_dtype or torch.float32)
-    a @ a  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    reps, t0 = 3, time.perf_counter()
-    for _ in range(reps):
-        a @ a
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+def peak_flops(device, peak_tflops: float | None) -> tuple[float | None, str]:
+    """-> (the FLOP/s MFU is relative to, where that figure comes from): --peak-tflops, else the
+    spec sheet for known GPUs; (None, why) where no peak is known (CPUs, other GPUs)."""
+    if peak_tflops:
+        return peak_tflops * 1e12, f"--peak-tflops {peak_tflops:g}"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if flops := spec_peak_flops(name):
+        return flops, f"the {name}'s dense bf16 peak, {flops / 1e12:g} TFLOP/s (spec sheet)"
+    return None, f"MFU n/a: no known peak for {name}; pass --peak-tflops"
 
 
 def gradient_sync(model, sync: bool):
@@ -210,7 +245,8 @@ def gradient_sync(model, sync: bool):
 
 
 def save_checkpoint(out_dir: Path, model, optimizer, tokenizer_file: Path, train_state: dict, rank: int) -> None:
-    """Weights, tokenizer and train_state.pt (optimizer, step, RNG states) into OUT_DIR, as one commit."""
+    """The weights, tokenizer and train_state.pt (optimizer, step, RNG states, the run's settings)
+    as one checkpoint in OUT_DIR, replacing the one there in one step (nano_orion.save)."""
     # Every rank takes part in gathering the full (unsharded) state; rank 0 writes it.
     model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
@@ -218,24 +254,30 @@ def save_checkpoint(out_dir: Path, model, optimizer, tokenizer_file: Path, train
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    with saving(out_dir) as staging:
-        write_shards(model_state.items(), staging, MAX_SHARD_BYTES)
-        write_config(staging, model.config)
-        shutil.copy(tokenizer_file, staging / "tokenizer.model")
-        (staging / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": False}) + "\n")
-        torch.save({**train_state, "optimizer": optim_state, "rng": rng}, staging / "train_state.pt")
+    nano_orion.save(model, out_dir, MAX_SHARD_BYTES, state_dict=model_state, tokenizer=tokenizer_file,
+                    extra={"train_state.pt": {**train_state, "optimizer": optim_state, "rng": rng}})
 
 
-def load_checkpoint(out_dir: Path, model, optimizer) -> dict:
-    folder = checkpoint_dir(out_dir)  # weights and train state of one commit
-    state = torch.load(folder / "train_state.pt", weights_only=True)
-    model_state = dict(read_nano(folder)[1])  # one model.safetensors or shards, whichever save wrote
+def read_train_state(out_dir: Path) -> dict:
+    """OUT_DIR's train_state.pt (memory-mapped); CheckpointError if it is missing or damaged."""
+    path = out_dir / "train_state.pt"
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint in {out_dir} (train_state.pt missing); train without --resume first")
+    try:
+        return torch.load(path, weights_only=True, mmap=True)
+    except Exception as e:  # a truncated or foreign file fails in torch's zip reader or unpickler, variously
+        raise CheckpointError(f"{path} is truncated or corrupt ({first_line(e)}); resume from an earlier copy of "
+                              f"{out_dir}, or start over with --overwrite") from None
+
+
+def load_checkpoint(out_dir: Path, state: dict, model, optimizer) -> None:
+    """Put OUT_DIR's weights, and `state`'s optimizer and RNG states (its train_state.pt), in place."""
+    model_state = dict(read_nano(out_dir)[1])  # one model.safetensors or shards, whichever save wrote
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=state["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state
 
 
 def truncate_log(log_file: Path, step: int) -> None:
@@ -256,9 +298,14 @@ def prepare_data(parser, args, proc: Process, say):
     """The cached tokenizer and token files for --data: rank 0 prepares (or finds) them, the others
     wait. -> (data folder, train tokens, val tokens), the tokens memory-mapped."""
     try:
+        if proc.master:
+            Path(args.data_dir).mkdir(parents=True, exist_ok=True)
         data_dir = prepare(args.data, args.data_dir, args.vocab_size, log=say) if proc.master else None
     except DataError as e:
         parser.error(str(e))
+    except OSError as e:  # not a folder, read-only (when the data is not prepared there yet), full
+        parser.error(f"--data-dir {args.data_dir}: cannot write the prepared data there ({e.strerror or e}); "
+                     "choose another --data-dir")
     if proc.world > 1:
         shared = [data_dir]
         dist.broadcast_object_list(shared)
@@ -310,30 +357,96 @@ def build_model(config: OrionConfig, proc: Process, fsdp: bool) -> Orion:
     return model
 
 
-def start_or_resume(parser, args, config, tokenizer_file: Path, model, optimizer, proc: Process, say) -> tuple[int, int]:
-    """-> (step, tokens) to continue from: those of --out-dir's checkpoint with --resume, else 0, 0."""
-    out_dir = Path(args.out_dir)
-    if proc.master:
-        finish_save(out_dir)  # put in place a save that a kill interrupted after its commit point
-    if proc.world > 1:
-        dist.barrier()
-    log_file = out_dir / "log.jsonl"
-    if not args.resume:
-        if proc.master:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            log_file.unlink(missing_ok=True)
-        return 0, 0
-    if not (out_dir / "train_state.pt").exists():  # a committed save was put in place above
-        parser.error(f"--resume: no checkpoint in {out_dir} (train_state.pt missing); train without --resume first")
-    saved = json.loads((out_dir / "config.json").read_text())["config"]
-    if saved != config.to_dict() or (out_dir / "tokenizer.model").read_bytes() != tokenizer_file.read_bytes():
-        parser.error(f"--resume: the checkpoint in {out_dir} has another model shape or tokenizer; "
-                     "resume with the same --config, --data and --vocab-size")
-    state = load_checkpoint(out_dir, model, optimizer)
-    if proc.master:
-        truncate_log(log_file, state["step"])
-        say(f"resumed from {out_dir} at step {state['step']}")
-    return state["step"], state["tokens"]
+def resume_settings(parser, args, given: set, saved: dict, step: int) -> list[str]:
+    """Put the run's saved settings (train_state.pt's "args") for RUN_FLAGS into `args`. A flag
+    that the command line gives with another value is refused, except those in CHANGEABLE,
+    which are applied -> what to say of them (for --max-iters, what it does to the schedule)."""
+    saved = {**saved, "lr_decay_iters": saved["lr_decay_iters"] or saved["max_iters"]}  # the schedule as planned
+    notes = []
+    for name in RUN_FLAGS:
+        flag, value = "--" + name.replace("_", "-"), getattr(args, name)
+        if name not in saved:  # a setting the run did not record: the command line's
+            continue
+        if name not in given or value == saved[name]:
+            setattr(args, name, saved[name])
+        elif name not in CHANGEABLE:
+            parser.error(f"--resume: {flag} {value} differs from the run's {saved[name]}, and a resumed run keeps its "
+                         f"data, model and schedule; leave out {flag}, or start a new run (--overwrite, or another --out-dir)")
+        elif name == "max_iters" and value > args.lr_decay_iters:
+            notes.append(f"--resume: {flag} {value} (the run had {saved[name]}): the learning rate's cosine ends at step "
+                         f"{args.lr_decay_iters} (--lr-decay-iters), so the steps after it run at its floor, 10% of --lr "
+                         "(to decay over a longer run, give --lr-decay-iters its final length when starting it)")
+        else:
+            notes.append(f"--resume: {flag} {value} (the run had {saved[name]})" +
+                         ("; the learning-rate schedule is unchanged" if name == "max_iters" else ""))
+    if step >= args.max_iters:
+        parser.error(f"--resume: the run in {args.out_dir} already reached step {step} of --max-iters {args.max_iters}; "
+                     "pass a larger --max-iters to train on")
+    return notes
+
+
+def make_out_dir(parser, out_dir: Path, resume: bool) -> None:
+    """OUT_DIR as a writable folder (created for a new run), or a one-line usage error."""
+    if out_dir.exists() and not out_dir.is_dir():
+        parser.error(f"--out-dir {out_dir}: a file, not a folder; choose another --out-dir")
+    if resume and not out_dir.is_dir():
+        parser.error(f"--resume: no checkpoint in {out_dir} (no such folder); train without --resume first")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out-dir {out_dir}: cannot create it ({e.strerror or e}); choose another --out-dir")
+    if not os.access(out_dir, os.W_OK):
+        parser.error(f"--out-dir {out_dir}: not writable; choose another --out-dir, or make it writable")
+
+
+@contextlib.contextmanager
+def holding(parser, out_dir: Path):
+    """Hold OUT_DIR while the block runs: an exclusive lock (flock) on OUT_DIR/.lock, which the
+    system releases when the process ends, however it ends, so no kill leaves it stuck. Each save
+    carries the lock file into the new checkpoint folder as a hard link: the same file, still
+    locked. Another run holding it is a one-line usage error."""
+    fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 100, 0).decode(errors="replace").strip() or "another process"
+            parser.error(f"--out-dir {out_dir} is in use by a running train.py ({holder}); wait for it to end, "
+                         "or choose another --out-dir")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {HOST}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def fresh_start(parser, out_dir: Path, overwrite: bool, say) -> None:
+    """A new run in OUT_DIR: refused if the folder holds another run's checkpoint or log, unless
+    --overwrite, which deletes them."""
+    found = sorted(f.name for f in out_dir.iterdir() if is_checkpoint_file(f.name) or f.name == "log.jsonl")
+    if not found:
+        return
+    parts = (("a checkpoint", any(name != "log.jsonl" for name in found)), ("log.jsonl", "log.jsonl" in found))
+    what = " and ".join(part for part, there in parts if there)
+    if not overwrite:
+        parser.error(f"--out-dir {out_dir} holds {what} of another run; continue it with --resume, start over with "
+                     "--overwrite (deletes them), or choose another --out-dir")
+    for name in found:
+        (out_dir / name).unlink()
+    say(f"--overwrite: deleted {what} of the run in {out_dir}")
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """While the block runs, Ctrl-C (SIGINT) interrupts nothing: it sets the Event the block gets,
+    which the training loop checks between steps. So no step or save is cut in half, and a second
+    Ctrl-C during the last save changes nothing (a kill cannot harm a save either: it is atomic)."""
+    interrupted = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.set())
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train_step(model, raw_model, loss_fn, optimizer, tokens, step: int, args, proc: Process):
@@ -390,10 +503,8 @@ def sample_text(model, tokenizer, prompt_ids, device, n_tokens: int = 96) -> str
     return tokenizer.decode(prompt_ids) + "|>" + tokenizer.decode(out[0, len(prompt_ids):].tolist())
 
 
-def eval_sample_save(model, raw_model, optimizer, tokenizer, tokenizer_file, val_tokens, expert_load,
-                     step: int, tokens: int, args, proc: Process, say) -> None:
-    """Validation loss, a sample of text and each layer's expert load on screen, then a checkpoint."""
-    out_dir = Path(args.out_dir)
+def eval_sample(model, raw_model, tokenizer, val_tokens, expert_load, step: int, args, proc: Process, say) -> None:
+    """Validation loss, a sample of text and each layer's expert load on screen (and the loss in the log)."""
     val_loss = evaluate(model, val_tokens, args, proc)
     log_line(args, proc, {"kind": "eval", "step": step, "val_loss": val_loss})
     say(f"step {step}: val loss {val_loss:.4f}")
@@ -402,30 +513,71 @@ def eval_sample_save(model, raw_model, optimizer, tokenizer, tokenizer_file, val
         say("  sample: " + sample.replace("\n", "\n  "))
     say("  expert load (% of routed slots), layer by layer:\n" + "\n".join(
         f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)))
+
+
+def save(raw_model, optimizer, tokenizer_file: Path, step: int, tokens: int, args, proc: Process, say) -> None:
+    """A checkpoint of this step in --out-dir, with the run's settings, and a line in the log."""
     t0 = time.perf_counter()
-    save_checkpoint(out_dir, raw_model, optimizer, tokenizer_file,
+    save_checkpoint(Path(args.out_dir), raw_model, optimizer, tokenizer_file,
                     {"step": step, "tokens": tokens, "args": vars(args)}, proc.rank)
     seconds = time.perf_counter() - t0
-    log_line(args, proc, {"kind": "save", "step": step, "folder": str(out_dir), "seconds": seconds})
-    say(f"step {step}: saved the checkpoint to {out_dir} in {seconds:.1f} s")
+    log_line(args, proc, {"kind": "save", "step": step, "folder": args.out_dir, "seconds": seconds})
+    say(f"step {step}: saved the checkpoint to {args.out_dir} in {seconds:.1f} s")
 
 
 # ---- training --------------------------------------------------------------------------
 
 
 def main(argv=None):
-    """Train as the command line `argv` says; returns the trained model (this process's replica or shard)."""
-    parser, args = parse_args(argv)
+    """Train as the command line `argv` says; returns the trained model (this process's replica or
+    shard). Ctrl-C, a full disk and bad input end the process with one line on stderr."""
+    parser, args, given = parse_args(argv)
+    torch.set_num_threads(args.threads)
     proc = setup_process(args)
+    out_dir = Path(args.out_dir)
+    if proc.master:
+        make_out_dir(parser, out_dir, args.resume)
+    resume = f"to continue from it: python train.py --resume --out-dir {out_dir}"
+    try:
+        with holding(parser, out_dir) if proc.master else contextlib.nullcontext():
+            return train(parser, args, given, proc)
+    except KeyboardInterrupt:  # outside the training loop (where Ctrl-C only ends it), or under torchrun
+        fail(f"train.py: interrupted; {out_dir} keeps its last checkpoint, if any ({resume})", 130)
+    except CheckpointError as e:  # a save that failed (a full disk): the previous checkpoint is unchanged
+        fail(f"train.py: error: {e}; {out_dir} keeps its last checkpoint, if any ({resume})", 1)
+
+
+def fail(message: str, status: int):
+    """End the process with one line on stderr."""
+    print(message, file=sys.stderr)
+    raise SystemExit(status)
+
+
+def train(parser, args, given: set, proc: Process):
+    """main's run, in the OUT_DIR it holds."""
     say = tqdm.write if proc.master else (lambda *a, **k: None)
+    out_dir = Path(args.out_dir)
+    if args.resume:  # the run's settings, before the data and model they choose
+        try:
+            state = read_train_state(out_dir)
+            config = read_nano(out_dir)[0]
+        except CheckpointError as e:
+            parser.error(f"--resume: {e}")
+        notes = resume_settings(parser, args, given, state["args"], state["step"])
+    elif proc.master:
+        fresh_start(parser, out_dir, args.overwrite, say)
 
     # Data: the tokenizer and the token files (uint32, memory-mapped).
     data_dir, train_tokens, val_tokens = prepare_data(parser, args, proc, say)
     tokenizer_file = data_dir / "tokenizer.model"
     tokenizer = Tokenizer(tokenizer_file)
+    if args.resume and (out_dir / "tokenizer.model").read_bytes() != tokenizer_file.read_bytes():
+        parser.error(f"--resume: the checkpoint in {out_dir} has another tokenizer than --data {args.data} gives "
+                     "(the text changed?); resume with the run's text, or start a new run")
 
     # Model: raw_model is the Orion itself (sampled from, checkpointed); model what runs the steps.
-    config = model_config(parser, args, tokenizer.n_pieces)
+    if not args.resume:
+        config = model_config(parser, args, tokenizer.n_pieces)
     torch.manual_seed(args.seed)
     raw_model = build_model(config, proc, args.fsdp)
     # Every parameter gets a gradient each step (an expert without tokens a zero one): DDP need not look for unused ones.
@@ -436,49 +588,71 @@ def main(argv=None):
     # Optimizer, and where to start: step 0, or --out-dir's checkpoint.
     optimizer = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
                                   fused=proc.device.type in ("cpu", "cuda"))
-    step, tokens = start_or_resume(parser, args, config, tokenizer_file, raw_model, optimizer, proc, say)
+    step, tokens, saved_step = 0, 0, None
+    if args.resume:
+        try:
+            load_checkpoint(out_dir, state, raw_model, optimizer)
+        except CheckpointError as e:
+            parser.error(f"--resume: {e}")
+        step, tokens, saved_step = state["step"], state["tokens"], state["step"]
+        if proc.master:
+            truncate_log(out_dir / "log.jsonl", step)
+        say(f"resumed from {out_dir} at step {step}")
+        for note in notes:
+            say(note)
 
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * proc.world
     flops_per_token = 6 * config.n_active_params()  # forward 2N, backward 4N (attention scores left out)
-    peak = args.peak_flops or peak_flops(proc.device, proc.amp_dtype)
+    peak, peak_source = peak_flops(proc.device, args.peak_tflops)
     say(f"{args.config}: {config.n_params() / 1e6:.2f} M parameters, {config.n_active_params() / 1e6:.2f} M active "
         f"per token, vocab {config.vocab_size}; {proc.world} process(es) on {proc.device}, "
-        f"{proc.amp_dtype or torch.float32}; {tokens_per_step:,} tokens per step; MFU relative to {peak / 1e12:.3g} TFLOP/s")
+        f"{proc.amp_dtype or torch.float32}, {args.threads} thread(s); {tokens_per_step:,} tokens per step; "
+        + (f"MFU relative to {peak_source}" if peak else peak_source))
 
-    # The loop: a step; every --log-interval a log line; every --eval-interval an evaluation and a checkpoint.
-    bar = tqdm(total=args.max_iters, initial=step, disable=not proc.master, dynamic_ncols=True, desc="train")
+    # The loop: a step; every --log-interval a log line; every --eval-interval an evaluation and a
+    # checkpoint. Ctrl-C ends it after the step it lands in (a single process: under torchrun the
+    # processes would not agree on which step), and that step is saved.
+    # disable=None: a bar only on a terminal, not in logs
+    bar = tqdm(total=args.max_iters, initial=step, disable=None if proc.master else True, dynamic_ncols=True, desc="train")
     counts = torch.zeros(config.n_layers, config.n_experts, device=proc.device)  # routed slots since the last log line
     expert_load = [[1 / config.n_experts] * config.n_experts] * config.n_layers
     t_log, tokens_log = time.perf_counter(), tokens
-    while step < args.max_iters:
-        lr = lr_at(step, args.lr, args.warmup_iters, args.lr_decay_iters or args.max_iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        stats, step_counts = train_step(model, raw_model, loss_fn, optimizer, train_tokens, step, args, proc)
-        counts += step_counts
-        step, tokens = step + 1, tokens + tokens_per_step
-        bar.update()
-        if args.compile and step == 1:
-            say(f"torch.compile: the step compiled with {sum(torch._dynamo.utils.counters['graph_break'].values())} graph break(s)")
-        if step % args.log_interval == 0 or step == args.max_iters:
-            if proc.world > 1:
-                dist.all_reduce(stats)
-                dist.all_reduce(counts)
-                stats /= proc.world
-            (loss, aux_loss), expert_load = stats.tolist(), (counts / counts.sum(-1, keepdim=True)).tolist()
-            counts.zero_()
-            tok_s = (tokens - tokens_log) / (time.perf_counter() - t_log)
-            mfu = tok_s * flops_per_token / proc.world / peak
-            t_log, tokens_log = time.perf_counter(), tokens
-            log_line(args, proc, {"kind": "train", "step": step, "tokens": tokens, "loss": loss, "aux_loss": aux_loss,
-                                  "lr": lr, "tokens_per_s": tok_s, "mfu": mfu, "expert_load": expert_load})
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
-        if step % args.eval_interval == 0 or step == args.max_iters:
-            t_eval = time.perf_counter()
-            eval_sample_save(model, raw_model, optimizer, tokenizer, tokenizer_file, val_tokens, expert_load,
-                             step, tokens, args, proc, say)
-            t_log += time.perf_counter() - t_eval  # evaluation time is not training throughput
-    bar.close()
+    with bar, deferred_interrupt() if proc.world == 1 else contextlib.nullcontext(threading.Event()) as interrupted:
+        while step < args.max_iters and not interrupted.is_set():
+            lr = lr_at(step, args.lr, args.warmup_iters, args.lr_decay_iters or args.max_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            stats, step_counts = train_step(model, raw_model, loss_fn, optimizer, train_tokens, step, args, proc)
+            counts += step_counts
+            step, tokens = step + 1, tokens + tokens_per_step
+            bar.update()
+            if args.compile and step == 1:
+                say(f"torch.compile: the step compiled with {sum(torch._dynamo.utils.counters['graph_break'].values())} graph break(s)")
+            if step % args.log_interval == 0 or step == args.max_iters:
+                if proc.world > 1:
+                    dist.all_reduce(stats)
+                    dist.all_reduce(counts)
+                    stats /= proc.world
+                (loss, aux_loss), expert_load = stats.tolist(), (counts / counts.sum(-1, keepdim=True)).tolist()
+                counts.zero_()
+                tok_s = (tokens - tokens_log) / (time.perf_counter() - t_log)
+                mfu = tok_s * flops_per_token / proc.world / peak if peak else None
+                t_log, tokens_log = time.perf_counter(), tokens
+                log_line(args, proc, {"kind": "train", "step": step, "tokens": tokens, "loss": loss, "aux_loss": aux_loss,
+                                      "lr": lr, "tokens_per_s": tok_s, "mfu": mfu, "expert_load": expert_load})
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{100 * mfu:.1f}%"} if peak else {}))
+            if step % args.eval_interval == 0 or step == args.max_iters:
+                t_eval = time.perf_counter()
+                eval_sample(model, raw_model, tokenizer, val_tokens, expert_load, step, args, proc, say)
+                save(raw_model, optimizer, tokenizer_file, step, tokens, args, proc, say)
+                saved_step = step
+                t_log += time.perf_counter() - t_eval  # evaluation time is not training throughput
+        if interrupted.is_set() and step != saved_step and step > 0:
+            save(raw_model, optimizer, tokenizer_file, step, tokens, args, proc, say)
+            saved_step = step
+    if interrupted.is_set():
+        where = f"saved step {saved_step} in {out_dir}" if saved_step is not None else "nothing to save yet"
+        fail(f"train.py: interrupted at step {step}; {where}; to continue: python train.py --resume --out-dir {out_dir}", 130)
     if proc.world > 1:
         dist.barrier()  # rank 0 may still be saving: tear the process group down together
         dist.destroy_process_group()

@@ -1,8 +1,10 @@
 """nano_orion: a small, readable PyTorch implementation of the Orion-MoE8x7B language model."""
 
+from pathlib import Path
+
 import torch
 
-from .checkpoint import CheckpointError, checkpoint_dir, is_nano_checkpoint, load_nano, save
+from .checkpoint import CheckpointError, is_nano_checkpoint, load_nano, save
 from .config import OrionConfig
 from .conversation import chat
 from .hf_layout import load_hf
@@ -19,10 +21,8 @@ def load(path, device="cpu", dtype=torch.float32):
     dtype: the parameters' dtype. A nano_orion checkpoint already stored in it loads on the
         CPU without copying (the parameters are the memory-mapped file).
     tokenizer is None if the folder has no tokenizer.model. Problems raise CheckpointError.
-    A save that has passed its commit point is what loads, even if it was killed before it
-    was put in place (checkpoint.saving).
     """
-    path = checkpoint_dir(path)
+    path = Path(path)
     if is_nano_checkpoint(path):
         model = load_nano(path, device=device, dtype=dtype)
     else:

@@ -5,8 +5,10 @@
     # out now holds exactly what the block wrote
 
 Renaming within one folder is atomic: a reader finds no `out`, or the complete one. With
-``replace=True`` an existing `out` is swapped for the new one: it moves aside to
-.out.old-HOST-PID, the new folder moves in, the old one is deleted.
+``replace=True`` an existing `out` is swapped for the new one, then deleted. On Linux the swap
+is one system call (renameat2 with RENAME_EXCHANGE), so a reader finds the old folder or the
+new one at every instant; elsewhere it is two renames (the old folder moves aside to
+.out.old-HOST-PID, the new one moves in), between which `out` is briefly missing.
 
 A process killed outright (SIGKILL, the kernel's out-of-memory killer) cleans up nothing, so
 each temporary folder is named after its writer: host name and process id. Every
@@ -16,10 +18,12 @@ writer died between the two renames of a swap), so a kill changes nothing. Folde
 writers, and of other hosts sharing the disk, are left alone.
 """
 
+import ctypes
 import os
 import re
 import shutil
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,6 +42,17 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         pass  # it exists, and belongs to another user
     return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders at paths a and b in one step; False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd, rename_exchange = -100, 2  # from <fcntl.h> and <linux/fs.h>
+    if not hasattr(libc, "renameat2"):  # glibc before 2.28
+        return False
+    return libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _remove_leftovers(target: Path) -> None:
@@ -66,6 +81,9 @@ def atomic_folder(target, replace: bool = False):
     try:
         yield tmp
         if replace and target.exists():
+            if _exchange(tmp, target):  # target is the new folder, tmp the old one
+                shutil.rmtree(tmp)
+                return
             old = target.with_name(f".{target.name}.old-{writer}")
             target.rename(old)
             tmp.rename(target)

@@ -19,7 +19,12 @@ The file readers here serve the released layout's reader (hf_layout.py) too:
   file, the problem and what to do; every tensor is checked against the shapes config.json
   implies (`expected_shapes`).
 
-Saving replaces a folder's checkpoint at once (`saving`): readers see the old or the new one.
+Saving (`save`) replaces a folder's checkpoint in one step, so a checkpoint is always whole
+where users look for it. Everything the new checkpoint holds, train.py's train_state.pt too,
+is written into a hidden temporary folder beside the target, the target's other files (a log)
+are linked into it, and the two folders swap places (atomic.atomic_folder): at every instant
+the folder's path holds the old checkpoint or the new one, complete, so `nano_orion.load`,
+generate.py, train.py's --resume and a plain `cp -r` need no rule about where to read from.
 """
 
 import json
@@ -27,7 +32,6 @@ import os
 import pickle
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,13 +41,12 @@ from safetensors.torch import save_file
 from .atomic import atomic_folder
 from .config import DTYPES, OrionConfig
 from .model import Orion
-from .placement import module_of, place, placement
+from .placement import gb, module_of, place, placement
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "generation_config.json")
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 10**9  # largest weight file written: 5 GB, as the released checkpoint's shards
-COMMITTED = ".committed"  # a complete new checkpoint inside its folder, being put in place (`saving`)
 
 
 class CheckpointError(Exception):
@@ -79,11 +82,24 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({first_line(e)}); restore the original file") from None
 
 
+def remedy(folder: Path) -> str:
+    """What to do about a missing or damaged weight file, by where its folder came from: a
+    training run (train.py's train_state.pt beside it), a conversion or save (nano_orion's
+    config.json), or a download (the released layout)."""
+    if (folder / "train_state.pt").exists():
+        return "train.py wrote this folder: resume from an earlier copy of it, or train again"
+    try:
+        ours = "nano_orion" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        ours = False
+    return "write the checkpoint again (convert.py, or nano_orion.save)" if ours else "download this file again"
+
+
 def read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of one .bin or .safetensors file, memory-mapped (nothing read until used)."""
     if not path.exists():
-        raise CheckpointError(f"{path}: missing; download the weight files again")
-    corrupt = f"{path}: truncated or corrupt ({{}}); download this file again"
+        raise CheckpointError(f"{path}: missing; {remedy(path.parent)}")
+    corrupt = f"{path}: truncated or corrupt ({{}}); {remedy(path.parent)}"
     if path.suffix == ".safetensors":
         try:
             with safe_open(path, framework="pt") as f:
@@ -118,7 +134,7 @@ def weight_files(folder: Path) -> dict[str, list[str] | None]:
                 files.setdefault(file, []).append(key)
             for file in files:
                 if not (folder / file).exists():
-                    raise CheckpointError(f"{folder / file}: missing, but {index_name} lists it; download this shard again")
+                    raise CheckpointError(f"{folder / file}: missing, but {index_name} lists it; {remedy(folder)}")
             return dict(sorted(files.items()))
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).exists():
@@ -143,13 +159,6 @@ def missing_tensors(folder: Path, names: list[str]) -> CheckpointError:
 # ---- reading nano_orion's own format ------------------------------------------------------------
 
 
-def checkpoint_dir(folder) -> Path:
-    """Where a reader finds `folder`'s newest complete checkpoint: `folder` itself, or its
-    .committed/ while a save past its commit point is still being put in place (`saving`)."""
-    folder = Path(folder)
-    return folder / COMMITTED if (folder / COMMITTED).is_dir() else folder
-
-
 def is_nano_checkpoint(folder) -> bool:
     check_folder(Path(folder))
     return "nano_orion" in read_json(Path(folder) / "config.json")
@@ -157,7 +166,7 @@ def is_nano_checkpoint(folder) -> bool:
 
 def read_nano(folder):
     """A nano_orion checkpoint folder -> (config, generator of (name, memory-mapped tensor))."""
-    folder = checkpoint_dir(folder)
+    folder = Path(folder)
     check_folder(folder)
     path = folder / "config.json"
     try:
@@ -221,28 +230,92 @@ def write_config(folder: Path, config: OrionConfig) -> None:
 
 def is_checkpoint_file(name: str) -> bool:
     """A file of one save: config.json, the weights, the index, and train.py's train_state.pt
-    (not the tokenizer or other files). Files of this kind that a newer save lacks (shards of
-    other sharding; the optimizer state of a training save overwritten by a plain `save`) are
-    stale and get removed, so that weights never pair with another save's state."""
+    (not the tokenizer, a log or other files). A new save never carries these over from the
+    folder it replaces, so that weights never pair with another save's shards or state."""
     return (name in ("config.json", "model.safetensors", INDEX, "train_state.pt")
             or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None)
 
 
-@contextmanager
-def saving(folder):
-    """Yield an empty staging folder inside `folder` (created if needed); what the block writes
-    there replaces `folder`'s checkpoint at once (other files, such as logs, stay). With copies
-    of the tokenizer files, one rename makes it folder/.committed/: the commit point, from which
-    readers read it (`checkpoint_dir`) while `finish_save` links its files into `folder`. A kill
-    before the commit point changes nothing (the next save removes the staging folder); a kill
-    after it is finished by the next save."""
+def _tensors_in(obj) -> list[torch.Tensor]:
+    """The tensors inside nested dicts, lists and tuples (an optimizer's state_dict)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors_in(item)]
+    return []
+
+
+def space_needed(tensor_bytes: int, n_tensors: int, files=()) -> int:
+    """Bytes a checkpoint of tensors and copied files takes on disk: the tensors, a margin of
+    4 KiB per tensor for what the formats add around each (safetensors' header entry, the
+    zip record and pickle of torch.save), the files, and 1 MiB for config.json and the index."""
+    return tensor_bytes + 4096 * n_tensors + sum(Path(f).stat().st_size for f in files) + 2**20
+
+
+def check_free_space(folder: Path, needed: int) -> None:
+    """A one-line CheckpointError unless the disk holding `folder` (or the nearest folder above
+    it that exists) has `needed` bytes free."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise CheckpointError(f"{folder}: the checkpoint needs about {gb(needed)} and the disk has {gb(free)} free; "
+                              "free some space or choose another folder")
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """A file or folder of the old checkpoint folder into the new one: hard links (the same file
+    under a second name: no copy, and a log appended to later grows in both), else a copy."""
+    def link_or_copy(a, b):
+        try:
+            os.link(a, b)
+        except OSError:  # a filesystem without hard links (FAT, some network drives)
+            shutil.copy2(a, b)
+
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=link_or_copy)
+    else:
+        link_or_copy(src, dst)
+
+
+def save(model: Orion, folder, max_shard_bytes: int = MAX_SHARD_BYTES, state_dict=None, tokenizer=None,
+         extra: dict | None = None) -> None:
+    """Write `model` as a nano_orion checkpoint into `folder` (created if needed), replacing the
+    checkpoint there in one step: everything is written into a temporary folder beside it, which
+    then swaps places with `folder` (atomic.atomic_folder). Whoever reads or copies `folder` finds
+    the old checkpoint or the new one, each complete; a failure or a kill leaves the old one.
+
+    state_dict: the weights (default: model.state_dict(); train.py passes the full one it gathers).
+    tokenizer: a tokenizer.model file to copy in, with a tokenizer_config.json; without it the
+        folder's tokenizer files stay.
+    extra: file name -> object written with torch.save (train.py's train_state.pt).
+    The folder's other files and folders (train.py's log.jsonl and lock) move into the new
+    folder as hard links; its old weights, config.json, index and train_state.pt do not.
+    The free space is checked first; a full disk is a one-line CheckpointError.
+    """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    finish_save(folder)  # an earlier save killed after its commit point
-    with atomic_folder(folder / COMMITTED) as staging:
-        yield staging
-        copy_tokenizer(folder, staging)
-    finish_save(folder)
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = _tensors_in([state_dict, extra])
+    needed = space_needed(sum(t.numel() * t.element_size() for t in tensors), len(tensors), [tokenizer] if tokenizer else [])
+    check_free_space(folder, needed)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(folder, replace=True) as staging:
+        try:
+            write_shards(state_dict.items(), staging, max_shard_bytes)
+            write_config(staging, model.config)
+            if tokenizer:
+                shutil.copyfile(tokenizer, staging / "tokenizer.model")
+                (staging / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": False}) + "\n")
+            for name, obj in (extra or {}).items():
+                torch.save(obj, staging / name)
+        except (OSError, SafetensorError, RuntimeError) as e:  # torch.save's full disk is a RuntimeError
+            raise CheckpointError(f"{folder}: writing the checkpoint failed ({first_line(e)}); "
+                                  "the previous checkpoint is unchanged") from None
+        if folder.is_dir():
+            for old in folder.iterdir():
+                if not is_checkpoint_file(old.name) and not (staging / old.name).exists():
+                    _carry(old, staging / old.name)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
@@ -250,34 +323,6 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).exists() and not (dst / name).exists():
             shutil.copyfile(src / name, dst / name)
-
-
-def finish_save(folder) -> None:
-    """Put a committed save in place: link its files into `folder`, delete the checkpoint files it
-    lacks (an earlier save's shards or index), remove folder/.committed/. Safe to repeat after a kill."""
-    folder = Path(folder)
-    committed = folder / COMMITTED
-    if not committed.is_dir():
-        return
-    new = {f.name for f in committed.iterdir()}
-    for f in folder.iterdir():
-        if is_checkpoint_file(f.name) and f.name not in new:
-            f.unlink()
-    for name in sorted(new):
-        (folder / name).unlink(missing_ok=True)
-        try:
-            os.link(committed / name, folder / name)  # a second name for the same file: no copy
-        except OSError:  # a filesystem without hard links (FAT, some network drives)
-            shutil.copyfile(committed / name, folder / name)
-    shutil.rmtree(committed)
-
-
-def save(model: Orion, folder, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Write `model` as a nano_orion checkpoint into `folder` (created if needed), replacing
-    the checkpoint there at once (`saving`); other files in `folder` stay."""
-    with saving(folder) as staging:
-        write_shards(model.state_dict().items(), staging, max_shard_bytes)
-        write_config(staging, model.config)
 
 
 # ---- loading, on one device or several ----------------------------------------------------------

@@ -1,6 +1,19 @@
-"""What the command-line tools share: their --help and their usage errors."""
+"""What the command-line tools share: their --help, their usage errors, their --threads default."""
 
 import argparse
+import os
+
+THREADS_HELP = ("torch's CPU threads (torch.set_num_threads): half the CPUs, at most 4, unless given, which keeps "
+                "steps steady when other work shares the machine, where torch's own choice (one per CPU) can make "
+                "them stall")
+
+
+def default_threads() -> int:
+    """Half the CPUs this process may use, at most 4, at least 1. torch's default, one thread per
+    CPU, is fastest on an idle machine, but each step waits for its slowest thread: where other
+    work holds some CPUs, steps then take several times longer (4x measured on 2 busy cores)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cpus // 2))
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -17,19 +17,17 @@ atomic.atomic_folder, so a failure leaves nothing behind and changes nothing.
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from .atomic import atomic_folder
-from .checkpoint import (MAX_SHARD_BYTES, CheckpointError, assemble, check_folder, check_tensor, checkpoint_dir,
-                         copy_tokenizer, expected_shapes, first_line, missing_tensors, read_json, read_nano,
-                         read_weight_file, weight_files, write_config, write_shards)
+from .checkpoint import (MAX_SHARD_BYTES, TOKENIZER_FILES, CheckpointError, assemble, check_folder, check_free_space,
+                         check_tensor, copy_tokenizer, expected_shapes, first_line, missing_tensors, read_json,
+                         read_nano, read_weight_file, space_needed, weight_files, write_config, write_shards)
 from .config import OrionConfig
 from .model import Orion
-from .placement import gb
 
 # ---- config.json ------------------------------------------------------------------------------
 
@@ -228,12 +226,13 @@ def _check_output(out: Path, src: Path, force: bool) -> None:
         raise CheckpointError(f"{out.parent}: no such folder; create it first")
 
 
-def _check_free_space(out: Path, src: Path, config: OrionConfig, dtype) -> None:
-    """Room beside `out` for about the input's size (dtype None: kept as stored), or the parameters in `dtype`."""
-    needed = config.n_params() * dtype.itemsize if dtype else sum((src / f).stat().st_size for f in weight_files(src))
-    free = shutil.disk_usage(out.parent).free
-    if free < needed:
-        raise CheckpointError(f"{out.parent}: {gb(free)} free, the output needs about {gb(needed)}; free some space or choose another OUT_DIR")
+def _check_free_space(out: Path, src: Path, config: OrionConfig, dtype, n_tensors: int) -> None:
+    """Room beside `out` for all the output: the parameters in `dtype` (None: as much as the
+    input's weight files), with a margin per tensor for the headers, the tokenizer files, the
+    index and config.json (checkpoint.space_needed)."""
+    tensor_bytes = config.n_params() * dtype.itemsize if dtype else sum((src / f).stat().st_size for f in weight_files(src))
+    tokenizer = [src / name for name in TOKENIZER_FILES if (src / name).exists()]
+    check_free_space(out, space_needed(tensor_bytes, n_tensors, tokenizer))
 
 
 def _progress(tensors, total: int, desc: str):
@@ -250,7 +249,7 @@ def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int 
     config, tensors = read_hf(src, dtype)
     _check_output(out, src, force)
     with atomic_folder(out, replace=force) as tmp:  # here, what a killed run left beside `out` is gone
-        _check_free_space(out, src, config, dtype)
+        _check_free_space(out, src, config, dtype, len(expected_shapes(config)))
         write_shards(_progress(tensors, len(expected_shapes(config)), "converting"), tmp, max_shard_bytes)
         write_config(tmp, config)
         copy_tokenizer(src, tmp)
@@ -262,19 +261,21 @@ def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int =
     An RMSNorm model gets model_type "mixtral", so transformers' MixtralForCausalLM loads it."""
     src, out = Path(src), Path(out)
     config, tensors = read_nano(src)
+    written = {}  # dtype -> bytes written in it, for config.json's "torch_dtype"
 
     def hf_tensors():
         for name, t in _progress(tensors, len(expected_shapes(config)), "exporting"):
             t = t.to(dtype or t.dtype)
+            written[t.dtype] = written.get(t.dtype, 0) + t.numel() * t.element_size()
             if name.endswith(("w1", "w2", "w3")):
                 yield from ((nano_name_to_hf(name, e), t[e]) for e in range(config.n_experts))
             else:
                 yield nano_name_to_hf(name), t
 
     _check_output(out, src, force)
-    src = checkpoint_dir(src)  # where read_nano read the weights: the tokenizer and sizes come from there too
+    n_tensors = sum(config.n_experts if name.endswith(("w1", "w2", "w3")) else 1 for name in expected_shapes(config))
     with atomic_folder(out, replace=force) as tmp:
-        _check_free_space(out, src, config, dtype)
+        _check_free_space(out, src, config, dtype, n_tensors)
         write_shards(hf_tensors(), tmp, max_shard_bytes)
         hf_config = config_to_hf(config)
         # The released config.json says "router_jitter_noise": 0, an int; transformers 5 checks
@@ -285,7 +286,7 @@ def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int =
             # tensor names to its fused layout only for model_type "mixtral"; auto_map still names
             # Orion's own code for trust_remote_code users.
             hf_config["model_type"] = "mixtral"
-        if dtype is not None:
-            hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        # the weights' own dtype (the one most of their bytes have): transformers loads in it by default
+        hf_config["torch_dtype"] = str(max(written, key=written.get)).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         copy_tokenizer(src, tmp)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from nano_orion import atomic
 from nano_orion.atomic import HOST, atomic_folder
 
 
@@ -79,3 +80,14 @@ def test_a_writer_killed_mid_swap_gets_its_old_folder_back(tmp_path):
         assert names(tmp_path) == [tmp.name, "out"] and (tmp_path / "out" / "a.txt").read_text() == "old"
         (tmp / "a.txt").write_text("new")
     assert names(tmp_path) == ["out"] and (tmp_path / "out" / "a.txt").read_text() == "new"
+
+
+def test_without_an_exchange_the_swap_is_two_renames(tmp_path, monkeypatch):
+    """Where the system has no one-step exchange, the old folder moves aside, then the new one in."""
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old")
+    with atomic_folder(out, replace=True) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert names(tmp_path) == ["out"] and (out / "a.txt").read_text() == "new"

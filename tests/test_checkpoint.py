@@ -1,7 +1,7 @@
 """nano_orion's checkpoint format: save/load round trip, atomic saves, zero-copy loading; layer placement across devices."""
 
 import os
-import shutil
+import re
 from pathlib import Path
 
 import pytest
@@ -57,7 +57,7 @@ def test_failed_save_changes_nothing(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr("nano_orion.checkpoint.write_config", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="writing the checkpoint failed .No space left on device.; the previous checkpoint is unchanged"):
         nano_orion.save(small_model(n_layers=1, seed=1), folder)
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
     assert [f.name for f in tmp_path.iterdir()] == ["ckpt"]
@@ -68,24 +68,49 @@ def test_saving_where_there_are_no_hard_links(tmp_path, monkeypatch):
         raise OSError(1, "Operation not permitted")  # as on FAT or some network drives
 
     monkeypatch.setattr(os, "link", no_links)
-    model = small_model()
-    nano_orion.save(model, tmp_path)
-    assert_same_weights(nano_orion.load(tmp_path)[0], model)
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
-
-
-def test_a_save_killed_after_its_commit_point_is_what_loads(tmp_path, monkeypatch):
-    """Committed but not yet put in place: load() reads the new weights, and the folder's tokenizer."""
     folder = tmp_path / "ckpt"
     nano_orion.save(small_model(), folder)
-    shutil.copyfile(FIXTURES / "orion-mini-rmsnorm" / "tokenizer.model", folder / "tokenizer.model")
-    newer = small_model(n_layers=1, seed=1)
-    monkeypatch.setattr(checkpoint, "finish_save", lambda folder: None)  # as if killed at the commit point
-    nano_orion.save(newer, folder)
-    assert (folder / ".committed").is_dir()
-    loaded, tokenizer = nano_orion.load(folder)
-    assert_same_weights(loaded, newer)
-    assert tokenizer is not None
+    (folder / "log.jsonl").write_text("{}\n")
+    model = small_model(seed=1)
+    nano_orion.save(model, folder)  # the log is copied into the new folder instead
+    assert_same_weights(nano_orion.load(folder)[0], model)
+    assert sorted(f.name for f in folder.iterdir()) == ["config.json", "log.jsonl", "model.safetensors"]
+    assert (folder / "log.jsonl").read_text() == "{}\n"
+
+
+def test_a_save_checks_the_free_space_first(tmp_path, monkeypatch):
+    folder = tmp_path / "ckpt"
+    model = small_model()
+    nano_orion.save(model, folder)
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil_usage(free=10**5))
+    with pytest.raises(CheckpointError, match=f"{folder}: the checkpoint needs about 1.4 MB and the disk has 0.1 MB free; "
+                                              "free some space or choose another folder"):
+        nano_orion.save(small_model(seed=1), folder)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+    assert [f.name for f in tmp_path.iterdir()] == ["ckpt"]
+
+
+def shutil_usage(free: int):
+    return checkpoint.shutil._ntuple_diskusage(10**12, 10**12 - free, free)
+
+
+@pytest.mark.parametrize("origin", ["trained", "saved", "released"])
+def test_a_damaged_weight_file_gets_advice_that_fits_its_folder(tmp_path, origin):
+    """Download again fits a released folder, not one written here."""
+    folder = tmp_path / "ckpt"
+    nano_orion.save(small_model(), folder)
+    if origin == "trained":
+        (folder / "train_state.pt").write_bytes(b"")  # train.py's file beside the weights
+    if origin == "released":
+        (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    advice = {"trained": "train.py wrote this folder: resume from an earlier copy of it, or train again",
+              "saved": "write the checkpoint again (convert.py, or nano_orion.save)",
+              "released": "download this file again"}[origin]
+    with pytest.raises(CheckpointError, match=f"{weights}: truncated or corrupt .*; {re.escape(advice)}$"):
+        checkpoint.read_weight_file(weights)
 
 
 def _mapped_files(tensor: torch.Tensor) -> set[str]:
@@ -204,20 +229,3 @@ def test_placed_modules_move_their_inputs_to_their_device():
     place(other, {**where, "lm_head": torch.device("meta")})  # the head on another device (meta: shapes only)
     x = torch.randn(2, 9, 32)
     assert other.lm_head(x).is_meta and other.lm_head(input=x).is_meta  # positional and keyword inputs moved
-
-
-def test_export_of_a_save_killed_after_its_commit_point_takes_all_from_the_commit(tmp_path, monkeypatch):
-    """A folder holding only .committed/ (a first save killed at its commit point): export_hf
-    reads the weights, the sizes and the tokenizer from there, as load() does."""
-    folder = tmp_path / "ckpt"
-    model = small_model()
-    monkeypatch.setattr(checkpoint, "finish_save", lambda folder: None)  # as if killed at the commit point
-    tokenizer = FIXTURES / "orion-mini-rmsnorm" / "tokenizer.model"
-    with checkpoint.saving(folder) as staging:  # what save() writes, and a tokenizer, as train.py's save does
-        checkpoint.write_shards(model.state_dict().items(), staging, checkpoint.MAX_SHARD_BYTES)
-        checkpoint.write_config(staging, model.config)
-        shutil.copyfile(tokenizer, staging / "tokenizer.model")
-    assert sorted(f.name for f in folder.iterdir()) == [".committed"]
-    export_hf(folder, tmp_path / "hf")
-    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
-    assert_same_weights(nano_orion.load_hf(tmp_path / "hf"), model)

@@ -195,6 +195,16 @@ def test_make_refuses_a_venv_made_with_another_torch(tmp_path):
     assert (venv / ".installed").read_text() == "torch==2.11.0\n"  # nothing reinstalled
 
 
+def test_readmes_resume_command_continues_make_demos_run():
+    """The README's `train.py --resume` line, typed after make demo, finds its run and trains on."""
+    makefile = (ROOT / "Makefile").read_text()
+    demo_out = re.search(r"^DEMO_OUT \?= (\S+)$", makefile, re.M).group(1)
+    demo_iters = int(re.search(r"^DEMO_TRAIN_ARGS = .*--max-iters (\d+)", makefile, re.M).group(1))
+    command = re.search(r"^python train.py --resume .*?(?=  #)", (ROOT / "README.md").read_text(), re.M).group(0)
+    _, args, given = train.parse_args(command.split()[2:] + ["--device", "cpu"])
+    assert args.resume and args.out_dir == demo_out and args.max_iters > demo_iters and "max_iters" in given
+
+
 def test_readme_python_api_runs_from_any_folder(tmp_path, monkeypatch, capsys):
     refresh = load_script("scripts/refresh_docs.py")
     readme = (ROOT / "README.md").read_text()
@@ -220,3 +230,15 @@ def test_gpu_check_runs_every_step_and_names_the_failed_ones(tmp_path):
         done = subprocess.run(["make", "--no-print-directory", "gpu-check", f"PY={stand_in}"], cwd=ROOT, capture_output=True, text=True)
         assert log.read_text().split() == expected_runs  # pytest (-m), train.py, [generate.py], bench_train (-m)
         assert f"gpu-check: failed: {expected_failed}\n" in done.stdout and done.returncode == 2
+
+
+def test_generate_threads_sets_torchs_threads(capsys):
+    n = torch.get_num_threads()
+    try:
+        generate.main(["--ckpt", CKPT, "--prompt", "a", "--max-new-tokens", "1", "--device", "cpu", "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
+    capsys.readouterr()
+    assert usage_error(capsys, generate.main, ["--ckpt", CKPT, "--threads", "0"]).endswith(
+        ": error: --threads 0: must be at least 1")

@@ -2,15 +2,18 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import nano_orion
+from nano_orion import checkpoint, hf_layout
 
 from conftest import FIXTURES, ROOT, load_script
 
@@ -125,6 +128,9 @@ def test_round_trip_is_bit_for_bit(tmp_path, fixture):
     exported = json.loads((tmp_path / "back" / "config.json").read_text())
     released = json.loads((fixture / "config.json").read_text())
     ignored = {"_name_or_path", "transformers_version", "_flash_attn_2_enabled", "_attn_implementation"}
+    # the released file says bfloat16 of its float16 weights; the export names the weights' own dtype
+    assert exported["torch_dtype"] == "float16" and released["torch_dtype"] == "bfloat16"
+    ignored.add("torch_dtype")
     if fixture == RMSNORM:  # so that transformers loads it as Mixtral
         assert exported.pop("model_type") == "mixtral"
         ignored.add("model_type")
@@ -285,10 +291,50 @@ def test_unsupported_dtypes(tmp_path, capsys):
 
 
 def test_not_enough_disk_space(tmp_path, capsys, monkeypatch):
-    import shutil
-
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
-    expect_error(capsys, tmp_path, RMSNORM, f"{tmp_path}: 0.0 MB free, the output needs about 0.8 MB; free some space")
+    expect_error(capsys, tmp_path, RMSNORM, f"{tmp_path / 'out'}: the checkpoint needs about 2.2 MB and the disk has "
+                 "0.0 MB free; free some space")
+
+
+@pytest.mark.parametrize("to_hf", [False, True], ids=["convert", "export"])
+def test_the_space_estimate_covers_all_that_is_written(tmp_path, monkeypatch, to_hf):
+    """With exactly the estimated space free the conversion passes, and it writes no more than that."""
+    src = RMSNORM
+    if to_hf:
+        src = tmp_path / "nano"
+        assert run_main(RMSNORM, src) == 0
+    estimates = []
+    check = hf_layout.check_free_space
+
+    def free_just_enough(folder, needed):
+        estimates.append(needed)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - needed, needed))
+        check(folder, needed)
+
+    monkeypatch.setattr(hf_layout, "check_free_space", free_just_enough)
+    args = ("--to-hf",) if to_hf else ()
+    assert run_main(*args, src, tmp_path / "out", "--shard-gb", "0.0003") == 0
+    written = sum(f.stat().st_size for f in (tmp_path / "out").iterdir())
+    assert len(list((tmp_path / "out").glob("*.safetensors"))) > 2 and written <= estimates[0]
+
+
+def test_a_write_error_from_safetensors_is_one_line(tmp_path, capsys, monkeypatch):
+    """A disk that fills up after the check: safetensors' own error, as one line, and nothing left."""
+    def disk_full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    expect_error(capsys, tmp_path, RMSNORM, f"{tmp_path / 'out'}: writing failed (Error while serializing", "No space left on device")
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_export_labels_the_weights_dtype(tmp_path):
+    """transformers loads an export in its config's torch_dtype: it must be the weights' own."""
+    for dtype in ("float32", "bfloat16"):
+        assert run_main(RMSNORM, tmp_path / dtype, "--dtype", dtype) == 0
+        assert run_main("--to-hf", tmp_path / dtype, tmp_path / f"hf-{dtype}", "--shard-gb", "0.0003") == 0
+        assert json.loads((tmp_path / f"hf-{dtype}" / "config.json").read_text())["torch_dtype"] == dtype
+        assert {t.dtype for t in released_tensors(tmp_path / f"hf-{dtype}").values()} == {getattr(torch, dtype)}
 
 
 def test_output_is_not_the_input(tmp_path, capsys):

@@ -6,20 +6,24 @@ import io
 import json
 import math
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import this
+from pathlib import Path
 
 import pytest
 import torch
 
 import nano_orion
 import train
-from nano_orion import Orion, OrionConfig, checkpoint
+from nano_orion import Orion, OrionConfig, atomic
 from nano_orion.moe import load_balancing_loss
 from nano_orion.sampler import ORION_DEMO
 
-from conftest import FIXTURES, ROOT, assert_same_weights, load_script
+from conftest import FIXTURES, ROOT, assert_same_weights, load_script, one_line_error, usage_error
 
 generate_cli = load_script("generate.py")
 TOKENIZER = FIXTURES / "orion-mini-rmsnorm" / "tokenizer.model"  # a real one: load() and generate.py read it
@@ -138,9 +142,10 @@ def test_tiny_model_overfits_tiny_corpus_and_logs(overfit):
         # about top_k = 2, its value at an even load; not a lower bound: within one batch the
         # routed shares and the mean router probabilities need not line up
         assert 1.9 < r["aux_loss"] < 3
-        assert r["tokens_per_s"] > 0 and r["mfu"] > 0
+        assert r["tokens_per_s"] > 0 and r["mfu"] is None  # a CPU has no known peak, and none was given
         assert len(r["expert_load"]) == 2 and all(len(row) == 4 and abs(sum(row) - 1) < 1e-5 for row in r["expert_load"])
     assert steps[-1]["lr"] == pytest.approx(1e-3)  # the cosine ends at 10% of --lr
+    assert "MFU n/a: no known peak for cpu; pass --peak-tflops" in said
 
 
 def test_chat_with_the_trained_model(overfit):
@@ -164,14 +169,14 @@ def test_chat_with_the_trained_model(overfit):
 
 
 def test_resume_continues_exactly(tmp_path, corpus):
-    common = ["--max-iters", "6", "--eval-interval", "3", "--warmup-iters", "2", "--peak-flops", "1e11"]
+    common = ["--max-iters", "6", "--eval-interval", "3", "--warmup-iters", "2", "--peak-tflops", "0.1"]
     whole = tmp_path / "whole"
     train.main(tiny_run(tmp_path, corpus, whole, *common))
     # Same run, stopped after step 3 (the schedule still ends at 6), then resumed.
     split = tmp_path / "split"
     train.main(tiny_run(tmp_path, corpus, split, *common[2:], "--max-iters", "3", "--lr-decay-iters", "6"))
-    model = train.main(tiny_run(tmp_path, corpus, split, *common[2:], "--max-iters", "6", "--lr-decay-iters", "6",
-                                "--resume"))
+    # --resume takes the run's settings from the checkpoint: only the longer --max-iters is given
+    model = train.main(["--resume", "--out-dir", str(split), "--max-iters", "6", "--device", "cpu", "--peak-tflops", "0.1"])
 
     def without_timing(log):  # nor the folder, which differs
         return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "seconds", "folder")} for r in log]
@@ -200,6 +205,13 @@ def save_at(out, model, step):
     train.save_checkpoint(out, model, optimizer, TOKENIZER, {"step": step, "tokens": 0}, rank=0)
 
 
+def load_at(out, model, optimizer) -> int:
+    """--resume's reading of OUT_DIR into model and optimizer -> the step it saved."""
+    state = train.read_train_state(out)
+    train.load_checkpoint(out, state, model, optimizer)
+    return state["step"]
+
+
 def assert_readers_see(out, model, step):
     """nano_orion.load(), generate.py and --resume read `model`'s weights (and --resume its step)."""
     loaded, tokenizer = nano_orion.load(out)
@@ -208,29 +220,23 @@ def assert_readers_see(out, model, step):
     parser, args = generate_cli.parse_args(["--ckpt", str(out), "--device", "cpu"])
     assert torch.equal(generate_cli.load(parser, args)[0].lm_head.weight, model.lm_head.weight)
     fresh = Orion(model.config)
-    assert train.load_checkpoint(out, fresh, torch.optim.AdamW(train.param_groups(fresh, 0.1)))["step"] == step
+    assert load_at(out, fresh, torch.optim.AdamW(train.param_groups(fresh, 0.1))) == step
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
 
 
-def test_a_killed_save_never_mixes_two_checkpoints(tmp_path, monkeypatch):
-    """A save is committed by one rename: killed before it, the previous checkpoint is what
-    every reader sees; killed after it, the new one, though its files are not yet in OUT_DIR.
+def test_a_save_swaps_whole_checkpoints_and_keeps_the_log(tmp_path, monkeypatch):
+    """Up to the instant a save swaps its folder in, every reader finds the previous checkpoint,
+    whole, and from then on the new one; killed while writing, the save leaves the previous one
+    and nothing else. The log and the lock file move into the new folder as the same files.
     (KeyboardInterrupt stands in for a SIGKILL: nothing catches it on the way out.)"""
     torch.manual_seed(0)
     config = OrionConfig.preset("toy", **TINY, vocab_size=64)
     first, second = Orion(config), Orion(config)
     out = tmp_path / "out"
-
-    def killed_after_commit(folder):
-        if (folder / ".committed").exists():
-            raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:  # the first save, killed just after its commit point
-        m.setattr(checkpoint, "finish_save", killed_after_commit)
-        with pytest.raises(KeyboardInterrupt):
-            save_at(out, first, 1)
-    assert [p.name for p in out.iterdir()] == [".committed"]  # nothing in OUT_DIR itself yet
-    assert_readers_see(out, first, 1)
+    save_at(out, first, 1)
+    (out / "log.jsonl").write_text('{"step": 1}\n')
+    (out / train.LOCK).touch()
+    log_inode = (out / "log.jsonl").stat().st_ino
 
     def killed_while_writing(*args):
         raise KeyboardInterrupt
@@ -239,27 +245,24 @@ def test_a_killed_save_never_mixes_two_checkpoints(tmp_path, monkeypatch):
         m.setattr(torch, "save", killed_while_writing)
         with pytest.raises(KeyboardInterrupt):
             save_at(out, second, 2)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.model",
-                                                     "tokenizer_config.json", "train_state.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left
     assert_readers_see(out, first, 1)
 
-    linked = []
+    exchange, swapped = atomic._exchange, []
 
-    def link_twice(src, dst, link=os.link):
-        if len(linked) == 2:
-            raise KeyboardInterrupt
-        linked.append(dst)
-        link(src, dst)
+    def watched_exchange(new, target):
+        assert_readers_see(target, first, 1)  # the last instant before the swap: the previous checkpoint
+        swapped.append(exchange(new, target))
+        return swapped[-1]
 
-    with monkeypatch.context() as m:  # the second save again, killed while putting its files in place
-        m.setattr(os, "link", link_twice)
-        with pytest.raises(KeyboardInterrupt):
-            save_at(out, second, 2)
-    assert [p.name for p in linked] == ["config.json", "model.safetensors"]  # new weights, old train_state.pt
+    monkeypatch.setattr(atomic, "_exchange", watched_exchange)
+    save_at(out, second, 2)
+    assert swapped == [True]  # one system call on Linux: the folder was never missing
     assert_readers_see(out, second, 2)
-    checkpoint.finish_save(out)  # what the next train.py started on OUT_DIR does first
-    assert ".committed" not in [p.name for p in out.iterdir()]
-    assert_readers_see(out, second, 2)
+    assert (out / "log.jsonl").read_text() == '{"step": 1}\n' and (out / "log.jsonl").stat().st_ino == log_inode
+    assert sorted(p.name for p in out.iterdir()) == [train.LOCK, "config.json", "log.jsonl", "model.safetensors",
+                                                     "tokenizer.model", "tokenizer_config.json", "train_state.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_resume_reads_sharded_checkpoints(tmp_path, monkeypatch):
@@ -275,7 +278,7 @@ def test_resume_reads_sharded_checkpoints(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     fresh = Orion(config)
     fresh_optimizer = torch.optim.AdamW(train.param_groups(fresh, 0.1))
-    assert train.load_checkpoint(tmp_path, fresh, fresh_optimizer)["step"] == 7
+    assert load_at(tmp_path, fresh, fresh_optimizer) == 7
     for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     moments = [s["exp_avg"] for s in fresh_optimizer.state.values()]
@@ -321,7 +324,7 @@ def test_gpu_peak_flops_by_whole_name():
     assert train.spec_peak_flops("NVIDIA L40S") == 362e12  # not the L4's
     assert train.spec_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert train.spec_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert train.spec_peak_flops("NVIDIA A10G") is None  # not the A10's: measured instead
+    assert train.spec_peak_flops("NVIDIA A10G") is None  # not the A10's: no MFU without --peak-tflops
 
 
 def test_fsdp_without_torchrun_is_a_clear_error(capsys, monkeypatch):
@@ -330,3 +333,209 @@ def test_fsdp_without_torchrun_is_a_clear_error(capsys, monkeypatch):
         train.main(["--fsdp"])
     err = capsys.readouterr().err
     assert "--fsdp shards across processes" in err and "torchrun" in err
+
+
+# ---- a protected output folder, a --resume that remembers, one line for every fault ------------
+
+
+def test_a_second_run_on_a_live_folder_is_refused_and_a_killed_run_holds_nothing(tmp_path, corpus, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = ("import fcntl, os, sys, time\n"  # what a live train.py does with OUT_DIR/.lock
+              f"fd = os.open({str(out / train.LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
+              "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+              "os.write(fd, b'process 4242 on elsewhere')\n"
+              "print('holding', flush=True)\n"
+              "time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "holding\n"
+        run = tiny_run(tmp_path, corpus, out, "--max-iters", "2", "--eval-interval", "2")
+        assert usage_error(capsys, train.main, run) == (
+            f"train.py: error: --out-dir {out} is in use by a running train.py (process 4242 on elsewhere); "
+            "wait for it to end, or choose another --out-dir")
+        assert usage_error(capsys, train.main, run + ["--resume"]).startswith(f"train.py: error: --out-dir {out} is in use")
+    finally:
+        child.kill()  # SIGKILL: no cleanup runs, and the system releases the lock
+        child.wait()
+    assert [p.name for p in out.iterdir()] == [train.LOCK]  # the refused runs wrote nothing
+    train.main(run)
+    assert train.read_train_state(out)["step"] == 2
+
+
+def test_a_new_run_refuses_another_runs_folder_unless_told(tmp_path, corpus, capsys):
+    out = tmp_path / "out"
+    run = tiny_run(tmp_path, corpus, out, "--max-iters", "2", "--eval-interval", "2")
+    train.main(run)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    capsys.readouterr()
+    assert usage_error(capsys, train.main, run) == (
+        f"train.py: error: --out-dir {out} holds a checkpoint and log.jsonl of another run; continue it with --resume, "
+        "start over with --overwrite (deletes them), or choose another --out-dir")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    train.main(run + ["--overwrite", "--seed", "1"])
+    assert f"--overwrite: deleted a checkpoint and log.jsonl of the run in {out}" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(out)] == [1, 2, 2, 2]  # the new run's lines only
+    assert train.read_train_state(out)["args"]["seed"] == 1
+
+
+def test_resume_takes_the_runs_settings_refuses_changes_and_says_what_a_longer_run_does(tmp_path, corpus, capsys):
+    out = tmp_path / "out"
+    train.main(tiny_run(tmp_path, corpus, out, "--max-iters", "4", "--eval-interval", "2", "--warmup-iters", "2"))
+    capsys.readouterr()
+    resume = ["--resume", "--out-dir", str(out), "--device", "cpu"]
+    for flag, value, saved in [("--lr", "1e-2", "0.003"), ("--seed", "1", "0"), ("--batch-size", "4", "8"),
+                               ("--warmup-iters", "3", "2")]:
+        assert usage_error(capsys, train.main, resume + ["--max-iters", "6", flag, value]) == (
+            f"train.py: error: --resume: {flag} {float(value) if '.' in saved else value} differs from the run's {saved}, "
+            f"and a resumed run keeps its data, model and schedule; leave out {flag}, or start a new run "
+            "(--overwrite, or another --out-dir)")
+    assert usage_error(capsys, train.main, resume) == (
+        f"train.py: error: --resume: the run in {out} already reached step 4 of --max-iters 4; "
+        "pass a larger --max-iters to train on")
+    train.main(resume + ["--max-iters", "6", "--batch-size", "8"])  # a flag given with the run's own value is fine
+    said = capsys.readouterr().out
+    assert ("--resume: --max-iters 6 (the run had 4): the learning rate's cosine ends at step 4 (--lr-decay-iters), "
+            "so the steps after it run at its floor, 10% of --lr") in said
+    lrs = {r["step"]: r["lr"] for r in read_log(out) if r["kind"] == "train"}
+    assert list(lrs) == [1, 2, 3, 4, 5, 6] and lrs[4] == lrs[5] == lrs[6] == pytest.approx(3e-4)
+    assert lrs[2] == pytest.approx(3e-3)  # the run's own 2 warm-up steps, not the default 50
+
+
+def test_ctrl_c_saves_the_step_reached_and_resume_continues_exactly(tmp_path, corpus, capsys, monkeypatch):
+    """Ctrl-C during step 3 ends the run after it, with that step saved; a second Ctrl-C during
+    the save changes nothing. Resumed, the run ends as the uninterrupted one, bit for bit."""
+    common = ("--max-iters", "6", "--eval-interval", "4", "--warmup-iters", "2")
+    whole = tmp_path / "whole"
+    train.main(tiny_run(tmp_path, corpus, whole, *common))
+    step, save = train.train_step, train.save_checkpoint
+
+    def ctrl_c_in_step_3(*args):
+        result = step(*args)
+        if args[5] == 2:  # the 0-based step: during the third
+            signal.raise_signal(signal.SIGINT)
+        return result
+
+    def ctrl_c_again(*args):
+        signal.raise_signal(signal.SIGINT)
+        save(*args)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(train, "train_step", ctrl_c_in_step_3)
+        m.setattr(train, "save_checkpoint", ctrl_c_again)
+        with pytest.raises(SystemExit) as exit:
+            train.main(tiny_run(tmp_path, corpus, out, *common))
+    assert exit.value.code == 130
+    assert one_line_error(capsys.readouterr().err) == (
+        f"train.py: interrupted at step 3; saved step 3 in {out}; to continue: python train.py --resume --out-dir {out}")
+    assert train.read_train_state(out)["step"] == 3 and [r["step"] for r in read_log(out)] == [1, 2, 3, 3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is itself again
+    model = train.main(["--resume", "--out-dir", str(out), "--device", "cpu"])
+    assert_same_weights(model, nano_orion.load(whole)[0])
+
+    def train_lines(log):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log if r["kind"] == "train"]
+
+    assert train_lines(read_log(out)) == train_lines(read_log(whole))
+
+
+def test_ctrl_c_before_training_is_one_line(tmp_path, corpus, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "prepare", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit:
+        train.main(tiny_run(tmp_path, corpus, out))
+    assert exit.value.code == 130 and one_line_error(capsys.readouterr().err) == (
+        f"train.py: interrupted; {out} keeps its last checkpoint, if any "
+        f"(to continue from it: python train.py --resume --out-dir {out})")
+
+
+@pytest.mark.parametrize("fault", ["no room", "write error"])
+def test_a_full_disk_at_a_save_is_one_line_and_loses_neither_checkpoint_nor_log(tmp_path, corpus, capsys, monkeypatch,
+                                                                                fault):
+    out = tmp_path / "out"
+    train.main(tiny_run(tmp_path, corpus, out, "--max-iters", "2", "--eval-interval", "2"))
+    before = {f.name: f.read_bytes() for f in out.iterdir() if f.name != "log.jsonl"}
+    capsys.readouterr()
+    if fault == "no room":  # the check before a save
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+        problem = r"the checkpoint needs about \d+\.\d MB and the disk has 0\.0 MB free; free some space or choose another folder"
+    else:  # a disk that fills up during the save: torch.save's error says nothing of space
+        def disk_full(*args):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3072 vs 2966")
+
+        monkeypatch.setattr(torch, "save", disk_full)
+        problem = (r"writing the checkpoint failed \(\[enforce fail at inline_container.cc:672\] . unexpected pos 3072 "
+                   r"vs 2966\); the previous checkpoint is unchanged")
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--resume", "--out-dir", str(out), "--max-iters", "4", "--device", "cpu"])
+    assert exit.value.code == 1
+    assert re.fullmatch(f"train.py: error: {re.escape(str(out))}: {problem}; {re.escape(str(out))} keeps its last "
+                        rf"checkpoint, if any \(to continue from it: python train.py --resume --out-dir {re.escape(str(out))}\)",
+                        one_line_error(capsys.readouterr().err))
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.name != "log.jsonl"} == before
+    assert [(r["kind"], r["step"]) for r in read_log(out)] == [
+        ("train", 1), ("train", 2), ("eval", 2), ("save", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1.0"),
+    (["--lr-decay-iters", "5", "--warmup-iters", "10"],
+     "--lr-decay-iters 5 is below --warmup-iters 10: the cosine would end before the warm-up does; give it at least "
+     "the warm-up's length (default: --max-iters)"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--peak-tflops", "0"], "--peak-tflops must be a positive number, got 0.0"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out-dir and --overwrite deletes it; choose one"),
+])
+def test_bad_values_are_one_line_usage_errors(capsys, flags, message):
+    assert usage_error(capsys, train.main, flags) == f"train.py: error: {message}"
+
+
+def test_unusable_folders_are_one_line_usage_errors(tmp_path, corpus, capsys, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert usage_error(capsys, train.main, tiny_run(tmp_path, corpus, a_file)) == (
+        f"train.py: error: --out-dir {a_file}: a file, not a folder; choose another --out-dir")
+    assert usage_error(capsys, train.main, tiny_run(tmp_path, corpus, a_file / "out")) == (
+        f"train.py: error: --out-dir {a_file / 'out'}: cannot create it (Not a directory); choose another --out-dir")
+    out = tmp_path / "out"
+    assert usage_error(capsys, train.main, tiny_run(tmp_path, corpus, out) + ["--data-dir", str(a_file / "data")]) == (
+        f"train.py: error: --data-dir {a_file / 'data'}: cannot write the prepared data there (Not a directory); "
+        "choose another --data-dir")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    access = os.access  # the tests may run as root, whom permissions do not stop: the check is what is tested
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only and access(path, mode))
+    assert usage_error(capsys, train.main, tiny_run(tmp_path, corpus, read_only)) == (
+        f"train.py: error: --out-dir {read_only}: not writable; choose another --out-dir, or make it writable")
+
+
+@pytest.mark.parametrize("damaged", ["train_state.pt", "model.safetensors"])
+def test_resume_from_a_truncated_checkpoint_is_one_line(tmp_path, corpus, capsys, damaged):
+    out = tmp_path / "out"
+    train.main(tiny_run(tmp_path, corpus, out, "--max-iters", "2", "--eval-interval", "2"))
+    capsys.readouterr()
+    path = out / damaged
+    path.write_bytes(path.read_bytes()[:2000])
+    err = usage_error(capsys, train.main, ["--resume", "--out-dir", str(out), "--max-iters", "4"])
+    advice = {"train_state.pt": f"resume from an earlier copy of {out}, or start over with --overwrite",
+              "model.safetensors": "train.py wrote this folder: resume from an earlier copy of it, or train again"}
+    assert err.startswith(f"train.py: error: --resume: {path}") and "truncated or corrupt (" in err
+    assert err.endswith(advice[damaged])
+
+
+def test_threads_sets_torchs_threads(tmp_path, corpus):
+    train.main(tiny_run(tmp_path, corpus, tmp_path / "out", "--max-iters", "1", "--threads", "2"))
+    assert torch.get_num_threads() == 2  # the one_thread fixture set 1
+    assert 1 <= train.default_threads() <= 4
+
+
+def test_mfu_is_relative_to_a_stated_peak():
+    assert train.peak_flops(torch.device("cpu"), 0.5) == (0.5e12, "--peak-tflops 0.5")
+    assert train.peak_flops(torch.device("cpu"), None) == (None, "MFU n/a: no known peak for cpu; pass --peak-tflops")

@@ -12,7 +12,7 @@ import nano_orion
 import train
 from test_train import corpus, one_thread, read_log, tiny_run  # noqa: F401  (fixtures)
 
-STEPS = ["--max-iters", "4", "--eval-interval", "4", "--warmup-iters", "2", "--lr", "1e-2", "--peak-flops", "1e11"]
+STEPS = ["--max-iters", "4", "--eval-interval", "4", "--warmup-iters", "2", "--lr", "1e-2", "--peak-tflops", "0.1"]
 
 
 def free_port() -> int:
@@ -58,4 +58,5 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, corpus, mo
                 assert a[key] == pytest.approx(b[key], rel=1e-5), key
         if "expert_load" in a:
             torch.testing.assert_close(torch.tensor(a["expert_load"]), torch.tensor(b["expert_load"]))
-    assert not [p.name for p in ddp.iterdir() if p.name.startswith(".")]  # every save put in place, no staging left
+    assert [p.name for p in ddp.iterdir() if p.name.startswith(".")] == [train.LOCK]  # a hidden file: the lock
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # every save swapped in, none left beside
