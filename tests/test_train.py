@@ -1,6 +1,5 @@
 """train.py: the recipe's pieces, overfitting a tiny corpus, exact resume, the log."""
 
-import codecs
 import contextlib
 import io
 import json
@@ -11,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import this
 from pathlib import Path
 
 import pytest
@@ -51,8 +49,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """The Zen of Python, repeated to the 32 kB a 320-piece tokenizer needs: easy to memorise."""
-    zen = codecs.decode(this.s, "rot13")
+    """The Zen of Python (tests/corpus/zen.txt), repeated to the 32 kB a 320-piece tokenizer needs: easy to memorise."""
+    zen = (ROOT / "tests" / "corpus" / "zen.txt").read_text().rstrip("\n")
     path = tmp_path_factory.mktemp("corpus") / "zen.txt"
     path.write_text((zen + "\n\n") * 40)
     return path
