@@ -108,3 +108,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(params=FIXTURE_NAMES)
 def fixture_name(request):
     return request.param
+
+
+def small_model(norm_type="layernorm", n_layers=3, seed=0) -> Orion:
+    """A random 3-layer model of 32 numbers per token and 100 pieces: quick to save, load and place."""
+    config = OrionConfig.preset("toy", norm_type=norm_type, vocab_size=100, dim=32, n_layers=n_layers, ffn_dim=16, max_seq_len=32)
+    return random_model(config, seed)

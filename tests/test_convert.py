@@ -1,4 +1,5 @@
-"""convert.py: released layout <-> nano_orion, parity after conversion, and every bad input refused cleanly."""
+"""convert.py: its command line, and every bad input refused cleanly: one line naming the file, the
+problem and the fix, exit status 1, nothing written. (The conversions themselves: test_hf_layout.py.)"""
 
 import json
 import os
@@ -10,55 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 import nano_orion
 from nano_orion import checkpoint, hf_layout
 
-from conftest import FIXTURES, ROOT, load_script
+from conftest import ROOT, load_script
+from test_hf_layout import RMSNORM, released_tensors, write_released
 
-LAYERNORM, RMSNORM = FIXTURES / "orion-mini-layernorm", FIXTURES / "orion-mini-rmsnorm"
-SIDE_FILES = ("config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json")
 
 convert = load_script("convert.py")
-
-
-# ---- building released-layout folders from the fixtures --------------------------------------
-
-
-def released_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    """A fixture's tensors in their index order, read with torch/safetensors directly."""
-    index = next(folder.glob("*.index.json"))
-    weight_map = json.loads(index.read_text())["weight_map"]
-    tensors = {}
-    for file in sorted(set(weight_map.values())):
-        if file.endswith(".safetensors"):
-            tensors.update(load_file(folder / file))
-        else:
-            tensors.update(torch.load(folder / file, weights_only=True))
-    return {key: tensors[key] for key in weight_map}
-
-
-def write_released(dst: Path, src: Path, tensors: dict, fmt: str, sharded: bool) -> Path:
-    """A released-layout folder: src's config and tokenizer files, `tensors` as .bin or
-    .safetensors, in one file or two shards split inside layer 0's experts."""
-    dst.mkdir()
-    for name in SIDE_FILES:
-        (dst / name).write_bytes((src / name).read_bytes())
-    write = (lambda t, p: torch.save(t, p)) if fmt == "bin" else (lambda t, p: save_file(t, p))
-    stem, ext = ("pytorch_model", "bin") if fmt == "bin" else ("model", "safetensors")
-    if not sharded:
-        write(tensors, dst / f"{stem}.{ext}")
-        return dst
-    keys = list(tensors)
-    cut = keys.index("model.layers.0.block_sparse_moe.experts.3.w2.weight")  # expert 3's w1 | w2, w3
-    files = [f"{stem}-00001-of-00002.{ext}", f"{stem}-00002-of-00002.{ext}"]
-    weight_map = {}
-    for file, part in zip(files, (keys[:cut], keys[cut:])):
-        write({k: tensors[k] for k in part}, dst / file)
-        weight_map.update(dict.fromkeys(part, file))
-    (dst / f"{stem}.{ext}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return dst
 
 
 def run_main(*args) -> int:
@@ -73,96 +34,6 @@ def run_cli(*args):
 def assert_nothing_written(out: Path):
     assert not out.exists()
     assert not list(out.parent.glob(f".{out.name}*")), "a temporary folder was left behind"
-
-
-# ---- conversion gives the reference's outputs ----------------------------------------------------
-
-
-@pytest.mark.parametrize("fixture", [LAYERNORM, RMSNORM], ids=["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
-@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "single"])
-def test_converted_checkpoint_matches_reference(tmp_path, fixture, fmt, sharded):
-    src = write_released(tmp_path / "released", fixture, released_tensors(fixture), fmt, sharded)
-    out = tmp_path / "nano"
-    assert run_main(src, out) == 0
-    assert json.loads((out / "config.json").read_text())["config"]["norm_type"] == fixture.name.split("-")[-1]
-    for name in SIDE_FILES[1:]:
-        assert (out / name).read_bytes() == (fixture / name).read_bytes()
-
-    ref = load_file(fixture / "reference.safetensors")
-    for folder in (out, src):  # the converted checkpoint, and the released folder loaded directly
-        model, tokenizer = nano_orion.load(folder, dtype=torch.float32)
-        assert tokenizer is not None
-        with torch.no_grad():
-            err = (model(ref["input_ids"]) - ref["logits"]).abs().max().item()
-        assert err <= 1e-4, f"{folder}: max |logits - reference| = {err}"
-        prompt, greedy = ref["prompt_ids"], ref["greedy_ids"]
-        assert torch.equal(nano_orion.generate(model, prompt, greedy.shape[1] - prompt.shape[1]), greedy)
-
-
-def test_conversion_to_bfloat16_writes_bfloat16_sharded(tmp_path):
-    out = tmp_path / "nano"
-    assert run_main(RMSNORM, out, "--dtype", "bfloat16", "--shard-gb", "0.0002") == 0
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 1 and all((out / s).exists() for s in shards)
-    tensors = {k: v for s in shards for k, v in load_file(out / s).items()}
-    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    original = released_tensors(RMSNORM)
-    w2 = torch.stack([original[f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight"] for e in range(8)])
-    assert torch.equal(tensors["layers.1.moe.w2"], w2.to(torch.bfloat16))  # experts stacked in order
-
-
-# ---- round trip and export to transformers --------------------------------------------------------
-
-
-@pytest.mark.parametrize("fixture", [LAYERNORM, RMSNORM], ids=["layernorm", "rmsnorm"])
-def test_round_trip_is_bit_for_bit(tmp_path, fixture):
-    assert run_main(fixture, tmp_path / "nano") == 0
-    assert run_main("--to-hf", tmp_path / "nano", tmp_path / "back", "--shard-gb", "0.0003") == 0
-    back = released_tensors(tmp_path / "back")
-    original = released_tensors(fixture)
-    assert sorted(back) == sorted(original)
-    for key, tensor in original.items():
-        assert back[key].dtype == tensor.dtype and torch.equal(back[key], tensor), key
-    exported = json.loads((tmp_path / "back" / "config.json").read_text())
-    released = json.loads((fixture / "config.json").read_text())
-    ignored = {"_name_or_path", "transformers_version", "_flash_attn_2_enabled", "_attn_implementation"}
-    # the released file says bfloat16 of its float16 weights; the export names the weights' own dtype
-    assert exported["torch_dtype"] == "float16" and released["torch_dtype"] == "bfloat16"
-    ignored.add("torch_dtype")
-    if fixture == RMSNORM:  # so that transformers loads it as Mixtral
-        assert exported.pop("model_type") == "mixtral"
-        ignored.add("model_type")
-    for key in released.keys() - ignored:
-        assert exported[key] == released[key], key
-    # and the exported folder loads back to the same model
-    model, _ = nano_orion.load(tmp_path / "back")
-    ref = load_file(fixture / "reference.safetensors")
-    with torch.no_grad():
-        assert (model(ref["input_ids"]) - ref["logits"]).abs().max().item() <= 1e-4
-
-
-def test_export_of_a_trained_rmsnorm_model_loads_in_transformers(tmp_path):
-    from transformers import MixtralForCausalLM
-
-    config = nano_orion.OrionConfig.preset("toy", norm_type="rmsnorm", vocab_size=300, dim=64, n_layers=2, ffn_dim=48, max_seq_len=64)
-    torch.manual_seed(0)
-    model = nano_orion.Orion(config).eval()
-    with torch.no_grad():
-        for block in model.layers:  # wide router weights: no near-ties in the top-k choice
-            block.moe.router.weight.normal_(0.0, 1.0)
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(1.0, 0.2)
-    nano_orion.save(model, tmp_path / "nano")
-    assert run_main("--to-hf", tmp_path / "nano", tmp_path / "hf") == 0
-
-    hf = MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager").eval()
-    idx = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        err = (hf(idx).logits - model(idx)).abs().max().item()
-    assert err <= 1e-4, f"max |transformers - nano_orion| = {err}"
 
 
 # ---- bad input: one line naming file, problem and fix; exit 1; nothing written ----------------------
@@ -326,15 +197,6 @@ def test_a_write_error_from_safetensors_is_one_line(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(checkpoint, "save_file", disk_full)
     expect_error(capsys, tmp_path, RMSNORM, f"{tmp_path / 'out'}: writing failed (Error while serializing", "No space left on device")
     assert [p.name for p in tmp_path.iterdir()] == []
-
-
-def test_export_labels_the_weights_dtype(tmp_path):
-    """transformers loads an export in its config's torch_dtype: it must be the weights' own."""
-    for dtype in ("float32", "bfloat16"):
-        assert run_main(RMSNORM, tmp_path / dtype, "--dtype", dtype) == 0
-        assert run_main("--to-hf", tmp_path / dtype, tmp_path / f"hf-{dtype}", "--shard-gb", "0.0003") == 0
-        assert json.loads((tmp_path / f"hf-{dtype}" / "config.json").read_text())["torch_dtype"] == dtype
-        assert {t.dtype for t in released_tensors(tmp_path / f"hf-{dtype}").values()} == {getattr(torch, dtype)}
 
 
 def test_output_is_not_the_input(tmp_path, capsys):

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import nano_orion
-from nano_orion.sampler import SamplingConfig, left_pad
-from nano_orion.streaming import generate_text
+from nano_orion.sampler import left_pad
 
 from conftest import FIXTURE_NAMES, FIXTURES, load_script, reference, usage_error
 
@@ -26,14 +25,6 @@ def test_left_padded_batch_equals_one_at_a_time(fixture):
     batched = nano_orion.generate(model, idx, 12, pad_mask=pad_mask)[:, idx.shape[1] :]
     for b in range(len(prompts)):
         assert torch.equal(batched[b], alone[b])
-
-
-def test_text_batch_equals_one_at_a_time(fixture):
-    _, model, tok, _ = fixture
-    prompts = ["expert", "位置 and the experts of 专家", "Hello"]
-    sampling = SamplingConfig(repetition_penalty=1.05, no_repeat_ngram_size=3)
-    together = generate_text(model, tok, prompts, 10, sampling).texts
-    assert together == [generate_text(model, tok, [p], 10, sampling).texts[0] for p in prompts]
 
 
 def run_cli(capsys, *argv):

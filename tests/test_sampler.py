@@ -23,7 +23,6 @@ from nano_orion.sampler import (
     apply_top_p,
     sample,
 )
-from nano_orion.streaming import generate_text
 
 from conftest import FIXTURES, reference
 
@@ -132,23 +131,3 @@ def test_same_seed_same_tokens(model_and_tok, ref):
     ]
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], runs[2])  # and the seed does matter
-
-
-def test_stop_string_ends_the_text_before_it(model_and_tok, ref):
-    model, tok = model_and_tok
-    prompt = ref["prompt_ids"][0].tolist()
-    full = tok.decode(ref["greedy_ids"][0].tolist())[len(tok.decode(prompt)) :]  # the greedy completion
-    assert "expert" in full
-    result = generate_text(model, tok, [prompt], 24, stop=["expert"])
-    assert result.texts == [full[: full.index("expert")]]
-    assert result.new_tokens[0] < 24
-
-
-def test_eos_ends_the_text(model_and_tok, ref):
-    model, tok = model_and_tok
-    prompt, greedy = ref["prompt_ids"][0].tolist(), ref["greedy_ids"][0, 12:].tolist()
-    eos_tok = nano_orion.Tokenizer.from_dir(FIXTURE)
-    eos_tok.eos_id = greedy[5]  # pretend the 6th greedy token is eos
-    result = generate_text(model, eos_tok, [prompt], 24)
-    assert result.new_tokens == [greedy.index(greedy[5]) + 1]
-    assert result.texts[0] == (tok.decode(prompt + greedy[: greedy.index(greedy[5])]))[len(tok.decode(prompt)) :]
