@@ -41,7 +41,7 @@ import nano_orion
 from nano_orion import Orion, OrionConfig, SamplingConfig, Tokenizer
 from nano_orion.atomic import HOST
 from nano_orion.checkpoint import MAX_SHARD_BYTES, CheckpointError, first_line, is_checkpoint_file, read_nano
-from nano_orion.cli import THREADS_HELP, ArgumentParser, HelpFormatter, default_threads
+from nano_orion.cli import THREADS_HELP, ArgumentParser, HelpFormatter, UsageError, default_threads
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
 from nano_orion.device import resolve_device
@@ -292,47 +292,50 @@ def truncate_log(log_file: Path, step: int) -> None:
 
 
 # ---- the pieces of main ------------------------------------------------------------------
+# A problem with the command line or its files raises UsageError; main prints it as the one-line
+# usage error.
 
 
-def prepare_data(parser, args, proc: Process, say):
-    """The cached tokenizer and token files for --data: rank 0 prepares (or finds) them, the others
-    wait. -> (data folder, train tokens, val tokens), the tokens memory-mapped."""
+def prepare_data(data, data_dir, vocab_size: int, block_size: int, proc: Process, say):
+    """The cached tokenizer and token files for --data in --data-dir: rank 0 prepares (or finds)
+    them, the others wait. -> (data folder, train tokens, val tokens), the tokens memory-mapped."""
     try:
         if proc.master:
-            Path(args.data_dir).mkdir(parents=True, exist_ok=True)
-        data_dir = prepare(args.data, args.data_dir, args.vocab_size, log=say) if proc.master else None
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+        folder = prepare(data, data_dir, vocab_size, log=say) if proc.master else None
     except DataError as e:
-        parser.error(str(e))
+        raise UsageError(str(e)) from None
     except OSError as e:  # not a folder, read-only (when the data is not prepared there yet), full
-        parser.error(f"--data-dir {args.data_dir}: cannot write the prepared data there ({e.strerror or e}); "
-                     "choose another --data-dir")
+        raise UsageError(f"--data-dir {data_dir}: cannot write the prepared data there ({e.strerror or e}); "
+                         "choose another --data-dir") from None
     if proc.world > 1:
-        shared = [data_dir]
+        shared = [folder]
         dist.broadcast_object_list(shared)
-        data_dir = shared[0]
+        folder = shared[0]
     splits = []
     for name in ("train.bin", "val.bin"):
         try:
-            tokens = read_tokens(data_dir / name)
-            check_fills_block(tokens, args.block_size)
+            tokens = read_tokens(folder / name)
+            check_fills_block(tokens, block_size)
         except DataError as e:
-            parser.error(f"{data_dir / name}: {e}")
+            raise UsageError(f"{folder / name}: {e}") from None
         splits.append(tokens)
-    return data_dir, *splits
+    return folder, *splits
 
 
-def model_config(parser, args, n_pieces: int) -> OrionConfig:
-    """--config's shape with the tokenizer's vocabulary (rounded up to a multiple of 64)."""
+def model_config(name: str, n_pieces: int, block_size: int) -> OrionConfig:
+    """--config's shape (a preset's name or a JSON file) with the tokenizer's vocabulary (rounded
+    up to a multiple of 64)."""
     vocab_size = -(-n_pieces // 64) * 64
     try:
-        if args.config in PRESETS:
-            config = OrionConfig.preset(args.config, vocab_size=vocab_size)
+        if name in PRESETS:
+            config = OrionConfig.preset(name, vocab_size=vocab_size)
         else:
-            config = OrionConfig.from_dict({**json.loads(Path(args.config).read_text()), "vocab_size": vocab_size})
+            config = OrionConfig.from_dict({**json.loads(Path(name).read_text()), "vocab_size": vocab_size})
     except (ValueError, TypeError) as e:  # bad JSON, unknown or invalid fields
-        parser.error(f"--config {args.config}: {e}")
-    if args.block_size > config.max_seq_len:
-        parser.error(f"--block-size {args.block_size} exceeds the model's max_seq_len {config.max_seq_len}")
+        raise UsageError(f"--config {name}: {e}") from None
+    if block_size > config.max_seq_len:
+        raise UsageError(f"--block-size {block_size} exceeds the model's max_seq_len {config.max_seq_len}")
     return config
 
 
@@ -357,7 +360,7 @@ def build_model(config: OrionConfig, proc: Process, fsdp: bool) -> Orion:
     return model
 
 
-def resume_settings(parser, args, given: set, saved: dict, step: int) -> list[str]:
+def resume_settings(args, given: set, saved: dict, step: int) -> list[str]:
     """Put the run's saved settings (train_state.pt's "args") for RUN_FLAGS into `args`. A flag
     that the command line gives with another value is refused, except those in CHANGEABLE,
     which are applied -> what to say of them (for --max-iters, what it does to the schedule)."""
@@ -370,7 +373,7 @@ def resume_settings(parser, args, given: set, saved: dict, step: int) -> list[st
         if name not in given or value == saved[name]:
             setattr(args, name, saved[name])
         elif name not in CHANGEABLE:
-            parser.error(f"--resume: {flag} {value} differs from the run's {saved[name]}, and a resumed run keeps its "
+            raise UsageError(f"--resume: {flag} {value} differs from the run's {saved[name]}, and a resumed run keeps its "
                          f"data, model and schedule; leave out {flag}, or start a new run (--overwrite, or another --out-dir)")
         elif name == "max_iters" and value > args.lr_decay_iters:
             notes.append(f"--resume: {flag} {value} (the run had {saved[name]}): the learning rate's cosine ends at step "
@@ -380,27 +383,27 @@ def resume_settings(parser, args, given: set, saved: dict, step: int) -> list[st
             notes.append(f"--resume: {flag} {value} (the run had {saved[name]})" +
                          ("; the learning-rate schedule is unchanged" if name == "max_iters" else ""))
     if step >= args.max_iters:
-        parser.error(f"--resume: the run in {args.out_dir} already reached step {step} of --max-iters {args.max_iters}; "
+        raise UsageError(f"--resume: the run in {args.out_dir} already reached step {step} of --max-iters {args.max_iters}; "
                      "pass a larger --max-iters to train on")
     return notes
 
 
-def make_out_dir(parser, out_dir: Path, resume: bool) -> None:
+def make_out_dir(out_dir: Path, resume: bool) -> None:
     """OUT_DIR as a writable folder (created for a new run), or a one-line usage error."""
     if out_dir.exists() and not out_dir.is_dir():
-        parser.error(f"--out-dir {out_dir}: a file, not a folder; choose another --out-dir")
+        raise UsageError(f"--out-dir {out_dir}: a file, not a folder; choose another --out-dir")
     if resume and not out_dir.is_dir():
-        parser.error(f"--resume: no checkpoint in {out_dir} (no such folder); train without --resume first")
+        raise UsageError(f"--resume: no checkpoint in {out_dir} (no such folder); train without --resume first")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        parser.error(f"--out-dir {out_dir}: cannot create it ({e.strerror or e}); choose another --out-dir")
+        raise UsageError(f"--out-dir {out_dir}: cannot create it ({e.strerror or e}); choose another --out-dir")
     if not os.access(out_dir, os.W_OK):
-        parser.error(f"--out-dir {out_dir}: not writable; choose another --out-dir, or make it writable")
+        raise UsageError(f"--out-dir {out_dir}: not writable; choose another --out-dir, or make it writable")
 
 
 @contextlib.contextmanager
-def holding(parser, out_dir: Path):
+def holding(out_dir: Path):
     """Hold OUT_DIR while the block runs: an exclusive lock (flock) on OUT_DIR/.lock, which the
     system releases when the process ends, however it ends, so no kill leaves it stuck. Each save
     carries the lock file into the new checkpoint folder as a hard link: the same file, still
@@ -411,7 +414,7 @@ def holding(parser, out_dir: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 100, 0).decode(errors="replace").strip() or "another process"
-            parser.error(f"--out-dir {out_dir} is in use by a running train.py ({holder}); wait for it to end, "
+            raise UsageError(f"--out-dir {out_dir} is in use by a running train.py ({holder}); wait for it to end, "
                          "or choose another --out-dir")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {HOST}\n".encode(), 0)
@@ -420,7 +423,7 @@ def holding(parser, out_dir: Path):
         os.close(fd)
 
 
-def fresh_start(parser, out_dir: Path, overwrite: bool, say) -> None:
+def fresh_start(out_dir: Path, overwrite: bool, say) -> None:
     """A new run in OUT_DIR: refused if the folder holds another run's checkpoint or log, unless
     --overwrite, which deletes them."""
     found = sorted(f.name for f in out_dir.iterdir() if is_checkpoint_file(f.name) or f.name == "log.jsonl")
@@ -429,7 +432,7 @@ def fresh_start(parser, out_dir: Path, overwrite: bool, say) -> None:
     parts = (("a checkpoint", any(name != "log.jsonl" for name in found)), ("log.jsonl", "log.jsonl" in found))
     what = " and ".join(part for part, there in parts if there)
     if not overwrite:
-        parser.error(f"--out-dir {out_dir} holds {what} of another run; continue it with --resume, start over with "
+        raise UsageError(f"--out-dir {out_dir} holds {what} of another run; continue it with --resume, start over with "
                      "--overwrite (deletes them), or choose another --out-dir")
     for name in found:
         (out_dir / name).unlink()
@@ -449,22 +452,21 @@ def deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
-def train_step(model, raw_model, loss_fn, optimizer, tokens, step: int, args, proc: Process):
-    """One optimizer step over --grad-accum micro-batches of the step's global batch ->
-    (its cross-entropy and aux loss (2,), routed slots per expert (n_layers, n_experts)),
-    left on the device: nothing in a step waits for the host."""
+def train_step(model, raw_model, loss_fn, optimizer, batch, step: int, grad_accum: int, proc: Process):
+    """One optimizer step over `grad_accum` micro-batches of the step's global batch, batch(step,
+    micro, n_micro) drawing each -> (its cross-entropy and aux loss (2,), routed slots per expert
+    (n_layers, n_experts)), left on the device: nothing in a step waits for the host."""
     stats, counts = torch.zeros(2, device=proc.device), 0
-    for micro in range(args.grad_accum):
-        x, y = get_batch(tokens, args.batch_size, args.block_size, args.seed, step,
-                         micro=micro * proc.world + proc.rank, n_micro=args.grad_accum * proc.world)
+    for micro in range(grad_accum):
+        x, y = batch(step, micro=micro * proc.world + proc.rank, n_micro=grad_accum * proc.world)
         if proc.device.type == "cuda":  # from pinned memory, a copy does not wait for the GPU to finish its queue
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(proc.device, non_blocking=True), y.to(proc.device, non_blocking=True)
-        with gradient_sync(model, sync=micro == args.grad_accum - 1):
+        with gradient_sync(model, sync=micro == grad_accum - 1):
             with proc.autocast():
                 ce, aux, c = loss_fn(model, raw_model, x, y)
-            ((ce + raw_model.config.router_aux_loss_coef * aux) / args.grad_accum).backward()
-        stats += torch.stack([ce.detach(), aux.detach()]) / args.grad_accum
+            ((ce + raw_model.config.router_aux_loss_coef * aux) / grad_accum).backward()
+        stats += torch.stack([ce.detach(), aux.detach()]) / grad_accum
         counts = counts + c
     torch.nn.utils.clip_grad_norm_(raw_model.parameters(), 1.0)
     optimizer.step()
@@ -472,25 +474,67 @@ def train_step(model, raw_model, loss_fn, optimizer, tokens, step: int, args, pr
     return stats, counts
 
 
-def log_line(args, proc: Process, record: dict) -> None:
-    """Append a record to --out-dir's log.jsonl; rank 0 writes the one log of the run."""
+class Meter:
+    """What a log line says: the latest step's losses, and of the steps since the last line the
+    tokens/s, the MFU (against a stated peak FLOP/s, or None) and each layer's share of routed
+    slots per expert."""
+
+    def __init__(self, tokens: int, n_active_params: int, peak: float | None, proc: Process):
+        self.flops_per_token = 6 * n_active_params  # forward 2N, backward 4N (attention scores left out)
+        self.peak, self.proc = peak, proc
+        self.stats, self.counts = None, 0
+        self.tokens, self.t0 = tokens, time.perf_counter()
+
+    def add(self, stats, counts) -> None:
+        """One step's losses (2,) and routed slots (n_layers, n_experts), still on the device."""
+        self.stats, self.counts = stats, self.counts + counts
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent in the block (evaluating, saving) is not training throughput."""
+        t = time.perf_counter()
+        yield
+        self.t0 += time.perf_counter() - t
+
+    def record(self, step: int, tokens: int, lr: float) -> dict:
+        """The log record (averaged over every process), and start counting anew."""
+        stats, counts = self.stats, self.counts
+        if self.proc.world > 1:
+            dist.all_reduce(stats)
+            dist.all_reduce(counts)
+            stats /= self.proc.world
+        tok_s = (tokens - self.tokens) / (time.perf_counter() - self.t0)
+        mfu = tok_s * self.flops_per_token / self.proc.world / self.peak if self.peak else None
+        (loss, aux_loss), expert_load = stats.tolist(), (counts / counts.sum(-1, keepdim=True)).tolist()
+        self.counts, self.tokens, self.t0 = 0, tokens, time.perf_counter()
+        return {"kind": "train", "step": step, "tokens": tokens, "loss": loss, "aux_loss": aux_loss, "lr": lr,
+                "tokens_per_s": tok_s, "mfu": mfu, "expert_load": expert_load}
+
+
+def log_line(log_file: Path, proc: Process, record: dict) -> None:
+    """Append a record to the run's log.jsonl; rank 0 writes the one log of the run."""
     if proc.master:
-        with open(Path(args.out_dir) / "log.jsonl", "a") as f:
+        with open(log_file, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def graph_breaks() -> int:
+    """How many times torch.compile has split the code it compiled into separate graphs."""
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
 # ---- evaluation ------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(model, val, args, proc: Process) -> float:
-    """Mean validation cross-entropy over --eval-iters fixed batches (the same ones every time)."""
+def evaluate(model, val, batch_size: int, block_size: int, eval_iters: int, seed: int, proc: Process) -> float:
+    """Mean validation cross-entropy over `eval_iters` fixed batches (the same ones every time)."""
     total = 0.0
-    for i in range(args.eval_iters):
-        x, y = get_batch(val, args.batch_size, args.block_size, seed=args.seed + 1, step=i)
+    for i in range(eval_iters):
+        x, y = get_batch(val, batch_size, block_size, seed=seed + 1, step=i)
         with proc.autocast():
             total += model(x.to(proc.device), targets=y.to(proc.device)).item()
-    return total / args.eval_iters
+    return total / eval_iters
 
 
 def sample_text(model, tokenizer, prompt_ids, device, n_tokens: int = 96) -> str:
@@ -503,26 +547,21 @@ def sample_text(model, tokenizer, prompt_ids, device, n_tokens: int = 96) -> str
     return tokenizer.decode(prompt_ids) + "|>" + tokenizer.decode(out[0, len(prompt_ids):].tolist())
 
 
-def eval_sample(model, raw_model, tokenizer, val_tokens, expert_load, step: int, args, proc: Process, say) -> None:
-    """Validation loss, a sample of text and each layer's expert load on screen (and the loss in the log)."""
-    val_loss = evaluate(model, val_tokens, args, proc)
-    log_line(args, proc, {"kind": "eval", "step": step, "val_loss": val_loss})
-    say(f"step {step}: val loss {val_loss:.4f}")
-    if not args.fsdp:  # generating token by token would gather every layer each token
-        sample = sample_text(raw_model, tokenizer, val_tokens[:16].tolist(), proc.device)
-        say("  sample: " + sample.replace("\n", "\n  "))
-    say("  expert load (% of routed slots), layer by layer:\n" + "\n".join(
-        f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)))
+def expert_load_text(expert_load) -> str:
+    """Each layer's share of routed slots per expert, in percent, one line a layer."""
+    return "  expert load (% of routed slots), layer by layer:\n" + "\n".join(
+        f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load))
 
 
-def save(raw_model, optimizer, tokenizer_file: Path, step: int, tokens: int, args, proc: Process, say) -> None:
-    """A checkpoint of this step in --out-dir, with the run's settings, and a line in the log."""
+def save(raw_model, optimizer, tokenizer_file: Path, train_state: dict, out_dir: Path, proc: Process, say) -> None:
+    """A checkpoint of this step in OUT_DIR, with train_state (the step, tokens and the run's
+    settings), and a line in its log."""
     t0 = time.perf_counter()
-    save_checkpoint(Path(args.out_dir), raw_model, optimizer, tokenizer_file,
-                    {"step": step, "tokens": tokens, "args": vars(args)}, proc.rank)
+    save_checkpoint(out_dir, raw_model, optimizer, tokenizer_file, train_state, proc.rank)
     seconds = time.perf_counter() - t0
-    log_line(args, proc, {"kind": "save", "step": step, "folder": args.out_dir, "seconds": seconds})
-    say(f"step {step}: saved the checkpoint to {args.out_dir} in {seconds:.1f} s")
+    step = train_state["step"]
+    log_line(out_dir / "log.jsonl", proc, {"kind": "save", "step": step, "folder": str(out_dir), "seconds": seconds})
+    say(f"step {step}: saved the checkpoint to {out_dir} in {seconds:.1f} s")
 
 
 # ---- training --------------------------------------------------------------------------
@@ -535,12 +574,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     proc = setup_process(args)
     out_dir = Path(args.out_dir)
-    if proc.master:
-        make_out_dir(parser, out_dir, args.resume)
     resume = f"to continue from it: python train.py --resume --out-dir {out_dir}"
     try:
-        with holding(parser, out_dir) if proc.master else contextlib.nullcontext():
-            return train(parser, args, given, proc)
+        if proc.master:
+            make_out_dir(out_dir, args.resume)
+        with holding(out_dir) if proc.master else contextlib.nullcontext():
+            return train(args, given, proc)
+    except UsageError as e:
+        parser.error(str(e))
     except KeyboardInterrupt:  # outside the training loop (where Ctrl-C only ends it), or under torchrun
         fail(f"train.py: interrupted; {out_dir} keeps its last checkpoint, if any ({resume})", 130)
     except CheckpointError as e:  # a save that failed (a full disk): the previous checkpoint is unchanged
@@ -553,31 +594,32 @@ def fail(message: str, status: int):
     raise SystemExit(status)
 
 
-def train(parser, args, given: set, proc: Process):
+def train(args, given: set, proc: Process):
     """main's run, in the OUT_DIR it holds."""
     say = tqdm.write if proc.master else (lambda *a, **k: None)
     out_dir = Path(args.out_dir)
+    log_file = out_dir / "log.jsonl"
     if args.resume:  # the run's settings, before the data and model they choose
         try:
             state = read_train_state(out_dir)
             config = read_nano(out_dir)[0]
         except CheckpointError as e:
-            parser.error(f"--resume: {e}")
-        notes = resume_settings(parser, args, given, state["args"], state["step"])
+            raise UsageError(f"--resume: {e}") from None
+        notes = resume_settings(args, given, state["args"], state["step"])
     elif proc.master:
-        fresh_start(parser, out_dir, args.overwrite, say)
+        fresh_start(out_dir, args.overwrite, say)
 
     # Data: the tokenizer and the token files (uint32, memory-mapped).
-    data_dir, train_tokens, val_tokens = prepare_data(parser, args, proc, say)
+    data_dir, train_tokens, val_tokens = prepare_data(args.data, args.data_dir, args.vocab_size, args.block_size, proc, say)
     tokenizer_file = data_dir / "tokenizer.model"
     tokenizer = Tokenizer(tokenizer_file)
     if args.resume and (out_dir / "tokenizer.model").read_bytes() != tokenizer_file.read_bytes():
-        parser.error(f"--resume: the checkpoint in {out_dir} has another tokenizer than --data {args.data} gives "
-                     "(the text changed?); resume with the run's text, or start a new run")
+        raise UsageError(f"--resume: the checkpoint in {out_dir} has another tokenizer than --data {args.data} gives "
+                         "(the text changed?); resume with the run's text, or start a new run")
 
     # Model: raw_model is the Orion itself (sampled from, checkpointed); model what runs the steps.
     if not args.resume:
-        config = model_config(parser, args, tokenizer.n_pieces)
+        config = model_config(args.config, tokenizer.n_pieces, args.block_size)
     torch.manual_seed(args.seed)
     raw_model = build_model(config, proc, args.fsdp)
     # Every parameter gets a gradient each step (an expert without tokens a zero one): DDP need not look for unused ones.
@@ -593,62 +635,63 @@ def train(parser, args, given: set, proc: Process):
         try:
             load_checkpoint(out_dir, state, raw_model, optimizer)
         except CheckpointError as e:
-            parser.error(f"--resume: {e}")
+            raise UsageError(f"--resume: {e}") from None
         step, tokens, saved_step = state["step"], state["tokens"], state["step"]
         if proc.master:
-            truncate_log(out_dir / "log.jsonl", step)
+            truncate_log(log_file, step)
         say(f"resumed from {out_dir} at step {step}")
         for note in notes:
             say(note)
 
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * proc.world
-    flops_per_token = 6 * config.n_active_params()  # forward 2N, backward 4N (attention scores left out)
     peak, peak_source = peak_flops(proc.device, args.peak_tflops)
     say(f"{args.config}: {config.n_params() / 1e6:.2f} M parameters, {config.n_active_params() / 1e6:.2f} M active "
         f"per token, vocab {config.vocab_size}; {proc.world} process(es) on {proc.device}, "
         f"{proc.amp_dtype or torch.float32}, {args.threads} thread(s); {tokens_per_step:,} tokens per step; "
         + (f"MFU relative to {peak_source}" if peak else peak_source))
 
+    def batch(step, micro, n_micro):  # a step's micro-batch: a pure function of (seed, step, micro)
+        return get_batch(train_tokens, args.batch_size, args.block_size, args.seed, step, micro=micro, n_micro=n_micro)
+
+    def checkpoint():
+        save(raw_model, optimizer, tokenizer_file, {"step": step, "tokens": tokens, "args": vars(args)}, out_dir, proc, say)
+
     # The loop: a step; every --log-interval a log line; every --eval-interval an evaluation and a
     # checkpoint. Ctrl-C ends it after the step it lands in (a single process: under torchrun the
     # processes would not agree on which step), and that step is saved.
     # disable=None: a bar only on a terminal, not in logs
     bar = tqdm(total=args.max_iters, initial=step, disable=None if proc.master else True, dynamic_ncols=True, desc="train")
-    counts = torch.zeros(config.n_layers, config.n_experts, device=proc.device)  # routed slots since the last log line
+    meter = Meter(tokens, config.n_active_params(), peak, proc)
     expert_load = [[1 / config.n_experts] * config.n_experts] * config.n_layers
-    t_log, tokens_log = time.perf_counter(), tokens
     with bar, deferred_interrupt() if proc.world == 1 else contextlib.nullcontext(threading.Event()) as interrupted:
         while step < args.max_iters and not interrupted.is_set():
             lr = lr_at(step, args.lr, args.warmup_iters, args.lr_decay_iters or args.max_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            stats, step_counts = train_step(model, raw_model, loss_fn, optimizer, train_tokens, step, args, proc)
-            counts += step_counts
+            meter.add(*train_step(model, raw_model, loss_fn, optimizer, batch, step, args.grad_accum, proc))
             step, tokens = step + 1, tokens + tokens_per_step
             bar.update()
             if args.compile and step == 1:
-                say(f"torch.compile: the step compiled with {sum(torch._dynamo.utils.counters['graph_break'].values())} graph break(s)")
+                say(f"torch.compile: the step compiled with {graph_breaks()} graph break(s)")
             if step % args.log_interval == 0 or step == args.max_iters:
-                if proc.world > 1:
-                    dist.all_reduce(stats)
-                    dist.all_reduce(counts)
-                    stats /= proc.world
-                (loss, aux_loss), expert_load = stats.tolist(), (counts / counts.sum(-1, keepdim=True)).tolist()
-                counts.zero_()
-                tok_s = (tokens - tokens_log) / (time.perf_counter() - t_log)
-                mfu = tok_s * flops_per_token / proc.world / peak if peak else None
-                t_log, tokens_log = time.perf_counter(), tokens
-                log_line(args, proc, {"kind": "train", "step": step, "tokens": tokens, "loss": loss, "aux_loss": aux_loss,
-                                      "lr": lr, "tokens_per_s": tok_s, "mfu": mfu, "expert_load": expert_load})
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{100 * mfu:.1f}%"} if peak else {}))
+                record = meter.record(step, tokens, lr)
+                expert_load = record["expert_load"]
+                log_line(log_file, proc, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                                **({"mfu": f"{100 * record['mfu']:.1f}%"} if peak else {}))
             if step % args.eval_interval == 0 or step == args.max_iters:
-                t_eval = time.perf_counter()
-                eval_sample(model, raw_model, tokenizer, val_tokens, expert_load, step, args, proc, say)
-                save(raw_model, optimizer, tokenizer_file, step, tokens, args, proc, say)
+                with meter.paused():
+                    val_loss = evaluate(model, val_tokens, args.batch_size, args.block_size, args.eval_iters, args.seed, proc)
+                    log_line(log_file, proc, {"kind": "eval", "step": step, "val_loss": val_loss})
+                    say(f"step {step}: val loss {val_loss:.4f}")
+                    if not args.fsdp:  # generating token by token would gather every layer each token
+                        sample = sample_text(raw_model, tokenizer, val_tokens[:16].tolist(), proc.device)
+                        say("  sample: " + sample.replace("\n", "\n  "))
+                    say(expert_load_text(expert_load))
+                    checkpoint()
                 saved_step = step
-                t_log += time.perf_counter() - t_eval  # evaluation time is not training throughput
         if interrupted.is_set() and step != saved_step and step > 0:
-            save(raw_model, optimizer, tokenizer_file, step, tokens, args, proc, say)
+            checkpoint()
             saved_step = step
     if interrupted.is_set():
         where = f"saved step {saved_step} in {out_dir}" if saved_step is not None else "nothing to save yet"

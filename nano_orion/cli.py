@@ -16,6 +16,11 @@ def default_threads() -> int:
     return max(1, min(4, cpus // 2))
 
 
+class UsageError(Exception):
+    """A problem with the command line or the files it names; the tool prints it as its one-line
+    usage error (ArgumentParser.error)."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         """A usage error is one line on stderr (--help shows the usage), exit status 2."""
