@@ -258,7 +258,8 @@ def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int 
 def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
     """nano_orion checkpoint in `src` -> the released layout in `out` (safetensors, same tensor
     names and config.json keys as the original, plus our "norm_type"), one shard at a time.
-    An RMSNorm model gets model_type "mixtral", so transformers' MixtralForCausalLM loads it."""
+    An RMSNorm model is exactly Mixtral and says so (model_type "mixtral", architectures
+    ["MixtralForCausalLM"], no auto_map): AutoModelForCausalLM loads it without remote code."""
     src, out = Path(src), Path(out)
     config, tensors = read_nano(src)
     written = {}  # dtype -> bytes written in it, for config.json's "torch_dtype"
@@ -282,10 +283,12 @@ def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int =
         # the type of this field (MixtralConfig: "expected float, got int"), so export writes 0.0.
         hf_config["router_jitter_noise"] = 0.0
         if config.norm_type == "rmsnorm":
-            # Exactly Mixtral: let transformers load it natively. transformers 5 maps the per-expert
-            # tensor names to its fused layout only for model_type "mixtral"; auto_map still names
-            # Orion's own code for trust_remote_code users.
-            hf_config["model_type"] = "mixtral"
+            # Exactly Mixtral, and said so everywhere a tool looks: transformers picks its class by
+            # model_type (and maps the per-expert tensor names to its fused layout only for
+            # "mixtral"), converters such as llama.cpp's by architectures; no auto_map, since no
+            # remote code is needed. A LayerNorm model keeps Orion's names: Mixtral has no LayerNorm.
+            hf_config.update(model_type="mixtral", architectures=["MixtralForCausalLM"])
+            del hf_config["auto_map"]
         # the weights' own dtype (the one most of their bytes have): transformers loads in it by default
         hf_config["torch_dtype"] = str(max(written, key=written.get)).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

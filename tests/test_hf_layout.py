@@ -107,9 +107,12 @@ def test_round_trip_is_bit_for_bit(tmp_path, fixture):
     # the released file says bfloat16 of its float16 weights; the export names the weights' own dtype
     assert exported["torch_dtype"] == "float16" and released["torch_dtype"] == "bfloat16"
     ignored.add("torch_dtype")
-    if fixture == RMSNORM:  # so that transformers loads it as Mixtral
-        assert exported.pop("model_type") == "mixtral"
-        ignored.add("model_type")
+    if fixture == RMSNORM:  # exactly Mixtral, and said so for every tool that reads the file
+        assert exported["model_type"] == "mixtral" and exported["architectures"] == ["MixtralForCausalLM"]
+        assert "auto_map" not in exported and released["architectures"] == ["OrionMOECausalLM"]
+        ignored |= {"model_type", "architectures", "auto_map"}
+    else:  # LayerNorm is not Mixtral's: Orion's names stay
+        assert exported["architectures"] == released["architectures"] and exported["auto_map"] == released["auto_map"]
     for key in released.keys() - ignored:
         assert exported[key] == released[key], key
     # and the exported folder loads back to the same model
@@ -120,7 +123,8 @@ def test_round_trip_is_bit_for_bit(tmp_path, fixture):
 
 
 def test_export_of_a_trained_rmsnorm_model_loads_in_transformers(tmp_path):
-    from transformers import MixtralForCausalLM
+    """As Mixtral, through AutoModelForCausalLM and without remote code."""
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
     config = nano_orion.OrionConfig.preset("toy", norm_type="rmsnorm", vocab_size=300, dim=64, n_layers=2, ffn_dim=48, max_seq_len=64)
     torch.manual_seed(0)
@@ -134,7 +138,9 @@ def test_export_of_a_trained_rmsnorm_model_loads_in_transformers(tmp_path):
     nano_orion.save(model, tmp_path / "nano")
     export_hf(tmp_path / "nano", tmp_path / "hf")
 
-    hf = MixtralForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager",
+                                              trust_remote_code=False).eval()
+    assert type(hf) is MixtralForCausalLM
     idx = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         err = (hf(idx).logits - model(idx)).abs().max().item()
