@@ -115,8 +115,8 @@ class MoE(nn.Module):
     def __init__(self, config: OrionConfig):
         super().__init__()
         self.top_k = config.top_k
+        self.experts = Experts(config.n_experts, config.dim, config.ffn_dim)  # first: init_weights draws it before the router
         self.router = nn.Linear(config.dim, config.n_experts, bias=False)
-        self.experts = Experts(config.n_experts, config.dim, config.ffn_dim)
         self.routing = None  # (probs, experts) of the last forward pass
 
     def forward(self, x):
