@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -45,6 +46,7 @@ from nano_orion.cli import THREADS_HELP, ArgumentParser, HelpFormatter, UsageErr
 from nano_orion.config import PRESETS
 from nano_orion.data import DataError, check_fills_block, get_batch, prepare, read_tokens
 from nano_orion.device import resolve_device
+from nano_orion.fast import accelerate
 from nano_orion.moe import expert_counts, load_balancing_loss
 
 # Dense bf16 peak of known GPUs (spec sheets, without sparsity), for the MFU estimate. A key
@@ -168,12 +170,22 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     ]
 
 
+class NextTokenLoss(nn.Module):
+    """model.loss(x, y) as a forward pass: DDP synchronises the gradients of what its module's forward computes."""
+
+    def __init__(self, model: Orion):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        return self.model.loss(x, y)  # the logits are never whole: nano_orion/loss.py
+
+
 def losses(model, raw_model, x, y):
     """Cross-entropy of next-token prediction, the load-balancing loss averaged over layers,
-    and each layer's routed-slot count per expert (n_layers, n_experts). model runs the
-    forward pass (raw_model itself, or wrapped by DDP or torch.compile); raw_model's layers
-    keep their routing."""
-    ce = model(x, targets=y)  # the logits are never whole: nano_orion/loss.py
+    and each layer's routed-slot count per expert (n_layers, n_experts). model computes the
+    cross-entropy (NextTokenLoss(raw_model), or DDP of it); raw_model's layers keep their routing."""
+    ce = model(x, y)
     routers = raw_model.routing()  # each layer's (probs, experts)
     aux = torch.stack([load_balancing_loss(probs, experts) for probs, experts in routers]).mean()
     counts = torch.stack([expert_counts(experts, raw_model.config.n_experts) for _, experts in routers])
@@ -340,19 +352,21 @@ def model_config(name: str, n_pieces: int, block_size: int) -> OrionConfig:
 
 
 def build_model(config: OrionConfig, proc: Process, fsdp: bool) -> Orion:
-    """The model with its initial weights (drawn from the seed set before), on this process's device."""
+    """The model with its initial weights (drawn from the seed set before), on this process's
+    device, its experts the fast ones (nano_orion/fast.py)."""
     if not fsdp:
-        return Orion(config).to(proc.device)
-    from torch.distributed.fsdp import fully_shard
+        return accelerate(Orion(config).to(proc.device))
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     # Shard an empty (meta) model, then send each rank its shard of the weights rank 0 draws
     # on the CPU, the ones a single process would: no GPU ever holds the whole model (rank
     # 0's host memory does once: 4 bytes a parameter, 190 GB for orion-moe-8x7b).
     with torch.device("meta"):
-        model = Orion(config)
+        model = accelerate(Orion(config))
     for block in model.layers:  # each block's weights are gathered only while it runs
         fully_shard(block)
     fully_shard(model)
+    register_fsdp_forward_method(model, "loss")  # the loss, too, gathers the weights outside the blocks
     model.to_empty(device=proc.device)
     model.init_rope(proc.device)
     set_model_state_dict(model, Orion(config).state_dict() if proc.master else {},
@@ -533,7 +547,7 @@ def evaluate(model, val, batch_size: int, block_size: int, eval_iters: int, seed
     for i in range(eval_iters):
         x, y = get_batch(val, batch_size, block_size, seed=seed + 1, step=i)
         with proc.autocast():
-            total += model(x.to(proc.device), targets=y.to(proc.device)).item()
+            total += model(x.to(proc.device), y.to(proc.device)).item()
     return total / eval_iters
 
 
@@ -623,8 +637,9 @@ def train(args, given: set, proc: Process):
     torch.manual_seed(args.seed)
     raw_model = build_model(config, proc, args.fsdp)
     # Every parameter gets a gradient each step (an expert without tokens a zero one): DDP need not look for unused ones.
-    model = DDP(raw_model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None) \
-        if proc.world > 1 and not args.fsdp else raw_model
+    model = NextTokenLoss(raw_model)
+    if proc.world > 1 and not args.fsdp:
+        model = DDP(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
     loss_fn = torch.compile(losses) if args.compile else losses
 
     # Optimizer, and where to start: step 0, or --out-dir's checkpoint.

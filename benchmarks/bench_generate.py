@@ -18,6 +18,7 @@ import torch
 import nano_orion
 from nano_orion import Orion, OrionConfig
 from nano_orion.cli import ArgumentParser, HelpFormatter
+from nano_orion.fast import accelerate
 from nano_orion.hf_mixtral import to_mixtral
 from nano_orion.sampler import compile_decode_step
 
@@ -67,7 +68,7 @@ def main():
 
 def run(name: str, c: OrionConfig, args):
     torch.manual_seed(0)
-    model = Orion(c).eval()
+    model = accelerate(Orion(c)).eval()
     hf = to_mixtral(model, attn_implementation="sdpa")  # transformers' default attention
     hf.generation_config.eos_token_id = None  # never stop early: both generate exactly N tokens
     N = args.new_tokens

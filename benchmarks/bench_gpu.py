@@ -30,11 +30,12 @@ from torch import nn
 from nano_orion import Orion, OrionConfig
 from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.config import PRESETS
+from nano_orion.fast import accelerate
 from nano_orion.hf_mixtral import to_mixtral
 from nano_orion.model import Block, make_norm
 from nano_orion.placement import free_bytes, gb
 from nano_orion.quantize import Int8Linear, quantize_block
-from nano_orion.sampler import compile_decode_step, decode_step_of, generate
+from nano_orion.sampler import compile_decode_step, decode_step_of, decoding_cache, generate
 
 
 def main(argv=None):
@@ -91,7 +92,8 @@ def bench(config: OrionConfig, quantize: bool, args, bandwidth: float, with_tran
 @torch.no_grad()
 def build_random(config: OrionConfig, device, dtype, quantize: bool) -> Orion:
     """Orion of random N(0, 0.02) weights (norms 1) in `dtype` on `device`, int8 if `quantize`;
-    each layer is drawn on the device and (if asked) quantized before the next is made."""
+    each layer is drawn on the device and (if asked) quantized before the next is made. Its
+    experts are the fast ones (nano_orion/fast.py), as nano_orion.load gives them."""
     with torch.device("meta"):
         model = Orion(config)
     model.embed = random_(nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype))
@@ -106,7 +108,7 @@ def build_random(config: OrionConfig, device, dtype, quantize: bool) -> Orion:
     if quantize:
         model.lm_head = Int8Linear(model.lm_head)
     model.init_rope(device)
-    return model.eval()
+    return accelerate(model).eval()
 
 
 def random_(module: nn.Module) -> nn.Module:
@@ -189,7 +191,7 @@ def decode_rate(generate_k, n: int, device) -> float:
 def stepwise_logits(model, ids, prompt_len: int, decode_step) -> torch.Tensor:
     """The logits (steps, vocab) of each decoding step after a prefill of ids[:, :prompt_len],
     fed the tokens of `ids` whatever the step would have chosen (teacher forcing)."""
-    cache = model.new_cache(1, ids.shape[1])
+    cache = decoding_cache(model, 1, ids.shape[1])  # as generate makes it
     model(ids[:, :prompt_len], cache=cache)
     pos = torch.tensor(prompt_len, device=ids.device)
     logits = []

@@ -35,6 +35,7 @@ import train
 from benchmarks.bench_generate import best_times
 from nano_orion import Orion, OrionConfig
 from nano_orion.cli import ArgumentParser, HelpFormatter
+from nano_orion.fast import accelerate
 from nano_orion.hf_mixtral import to_mixtral
 from nano_orion.loss import cross_entropy
 
@@ -71,15 +72,16 @@ def main(argv=None):
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     config = replace(CONFIGS[args.config], norm_type="rmsnorm")  # Mixtral's norm
-    nano = Orion(config).to(device)
+    nano = accelerate(Orion(config).to(device))
     hf = transformers_twin(nano, bf16_autocast=on_gpu)
+    nano = train.NextTokenLoss(nano)  # as train.py runs it
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1), generator=g).to(device)
                for _ in range(args.steps + 2)]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
 
     def nano_loss(model, batch):
-        ce, aux, _ = train.losses(model, model, batch[:, :-1], batch[:, 1:])
+        ce, aux, _ = train.losses(model, model.model, batch[:, :-1], batch[:, 1:])
         return ce + config.router_aux_loss_coef * aux
 
     def hf_loss(model, batch):

@@ -21,8 +21,9 @@ The mask says which keys a query may see:
 
 The KV cache: when generating, the keys and values of past tokens never change, so each
 layer keeps them in a buffer of fixed size, written slot by slot, and only the new
-token's k, v are computed. Its shape never changes and the slot to write is a tensor, so
-a compiled decoding step can be recorded once and replayed for every token (a CUDA graph).
+token's k, v are computed. Its shape never changes and the slots to write are a tensor,
+so a compiled decoding step can be recorded once and replayed for every token (a CUDA
+graph: docs/10_fast_decoding.md).
 """
 
 import torch
@@ -40,28 +41,6 @@ class KVCache:
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # For torch.compile: these buffers stay put, so a CUDA graph may update them in place;
-        # and their length may differ from one generation to the next without recompiling.
-        for t in (self.k, self.v):
-            torch._dynamo.mark_static_address(t, guard=False)
-            torch._dynamo.maybe_mark_dynamic(t, 2)
-
-    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v (B, n_kv_heads, T, head_dim) at slots (T,)."""
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-
-
-def token_positions(slots: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The RoPE position of each token: its slot, minus the padding before it. -> (1 or B, T).
-
-    slots (T,): where the tokens sit in the (padded) sequence. pad_mask (B, > max slot), True
-    at real tokens: in a left-padded row the first real token is position 0.
-    """
-    if pad_mask is None:
-        return slots[None]
-    real_so_far = pad_mask.long().cumsum(-1)  # (B, S): real tokens up to and including each slot
-    return (real_so_far[:, slots] - 1).clamp(min=0)  # a pad slot gets position 0 (its output is never used)
 
 
 def attention_mask(slots: torch.Tensor, n_keys: int, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,8 +88,9 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            cache.update(slots, k, v)
+        if cache is not None:  # store the new k, v at their slots
+            cache.k.index_copy_(2, slots, k)
+            cache.v.index_copy_(2, slots, v)
             if mask is not None:
                 k, v = cache.k, cache.v  # (B, n_kv_heads, max_len, head_dim)
         # softmax(q k^T / sqrt(head_dim) + mask) v, each query head reading its group's kv head.
@@ -122,13 +102,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, group, self.head_dim), k, v, attn_mask=mask)
         elif mask is None:  # causal among these T tokens: the fused kernels share the kv heads themselves
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)  # (B, T, n_heads, head_dim)
-        else:
-            # A mask (a padded batch, or a cache holding earlier tokens): CUDA's flash kernel
-            # shares kv heads but takes no mask, its memory-efficient one takes a mask but does
-            # not share heads, and where cuDNN's serves neither (by card and version) SDPA falls
-            # back to the math kernel, which holds all T x n_keys scores of every head. So each
-            # kv head is first copied for the query heads of its group.
+        else:  # a mask (a padded batch, or a cache holding earlier tokens): each kv head is first
+            # copied for its group's query heads, the form every kernel takes (docs/04_attention.md)
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_heads, n_keys, head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)  # (B, T, n_heads, head_dim)
-        # reshape, not view: the layout of y depends on the kernel that computed it (CUDA's differ from the CPU's)
+        # reshape, not view: the layout of y depends on the kernel that computed it
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))

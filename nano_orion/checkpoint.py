@@ -176,10 +176,17 @@ def read_nano(folder):
     return config, _nano_tensors(folder, weight_files(folder), expected_shapes(config))
 
 
+# nano_orion 0.1 named a layer's stacked experts layers.N.moe.w1 (w2, w3); they are read under
+# today's names, layers.N.moe.experts.w1, so its checkpoints load as they are.
+_EXPERTS_0_1 = re.compile(r"(layers\.\d+\.moe)\.(w[123])")
+
+
 def _nano_tensors(folder, files, shapes):
     seen = set()
     for file in files:
         for name, tensor in read_weight_file(folder / file).items():
+            if _EXPERTS_0_1.fullmatch(name):
+                name = _EXPERTS_0_1.sub(r"\1.experts.\2", name)
             if name not in shapes:
                 raise CheckpointError(f"{folder / file}: unexpected tensor {name} for config.json's model; check that config.json belongs to these weights")
             check_tensor(folder / file, name, tensor, shapes[name])

@@ -100,7 +100,7 @@ _NAMES = [
     ("model.layers.{i}.input_layernorm.{p}", "layers.{i}.attn_norm.{p}"),
     ("model.layers.{i}.post_attention_layernorm.{p}", "layers.{i}.moe_norm.{p}"),
     ("model.layers.{i}.block_sparse_moe.gate.weight", "layers.{i}.moe.router.weight"),
-    ("model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight", "layers.{i}.moe.{w}"),
+    ("model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight", "layers.{i}.moe.experts.{w}"),
 ]
 _GROUPS = {"i": r"\d+", "e": r"\d+", "p": "weight|bias", "x": "[qkvo]", "w": "w[123]"}
 
@@ -168,7 +168,7 @@ def read_hf(folder, dtype: torch.dtype | None = None):
 
 
 def _hf_tensors(folder, files, config, shapes, dtype):
-    stacks: dict[str, torch.Tensor] = {}  # layers.N.moe.wK -> (E, ...) filled so far
+    stacks: dict[str, torch.Tensor] = {}  # layers.N.moe.experts.wK -> (E, ...) filled so far
     arrived: dict[str, int] = {}  # how many experts of it
     seen = set()
     for file in files:

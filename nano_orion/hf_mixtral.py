@@ -60,8 +60,8 @@ def to_mixtral(model: Orion, attn_implementation: str = "eager"):
             for part, t in ours.state_dict().items():
                 state[p + f"{theirs}.{part}"] = t
         state[p + "mlp.gate.weight"] = block.moe.router.weight
-        state[p + "mlp.experts.gate_up_proj"] = torch.cat([block.moe.w1, block.moe.w3], dim=1)
-        state[p + "mlp.experts.down_proj"] = block.moe.w2
+        state[p + "mlp.experts.gate_up_proj"] = torch.cat([block.moe.experts.w1, block.moe.experts.w3], dim=1)
+        state[p + "mlp.experts.down_proj"] = block.moe.experts.w2
     state = {k: v.detach().clone().to(dtype) for k, v in state.items()}
     hf.load_state_dict(state, strict=True, assign=True)
     hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_config)  # its inv_freq buffer, off the meta device

@@ -27,8 +27,6 @@ measures the difference on a CPU).
 
 import torch
 
-from .moe import compute_dtype
-
 
 def chunk_size_for(device: torch.device) -> int:
     """Positions per chunk. On a CPU 512 (measured a little faster than larger or smaller
@@ -75,7 +73,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 def loss_and_grads(h, w, y, chunk_size: int, want_grad_h: bool, want_grad_w: bool):
     """The mean loss, and the gradients asked for (else None) with respect to h and w, chunk by chunk."""
     N = len(h)
-    dtype = compute_dtype(h)  # the matmuls' dtype: autocast's where it is on
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype  # the matmuls' dtype
     # float16 cannot hold the gradient's small entries (p / N flushes to zero): keep it in float32.
     # bf16 has float32's range, so under bf16 autocast the gradient matmuls run in bf16.
     grad_dtype = torch.float32 if dtype == torch.float16 else dtype

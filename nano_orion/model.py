@@ -5,7 +5,9 @@
         x = x + attention(norm1(x))                  # tokens exchange information
         x = x + moe(norm2(x))                        # each token is processed by its top_k experts
     logits = lm_head(norm(x))                        # (B, T, vocab_size), float32
-    (or, given the targets, the training loss straight from norm(x): loss.py)
+
+`Orion.forward` returns the logits; `Orion.loss` the training loss, computed straight from
+norm(x) without ever holding all the logits (loss.py).
 
 "Pre-norm": each sub-layer reads a normalised copy of x and adds its result back, so the
 residual stream x carries information from the embedding to the head unchanged.
@@ -22,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from .attention import Attention, KVCache, attention_mask, token_positions
+from .attention import Attention, KVCache, attention_mask
 from .config import OrionConfig
 from .loss import cross_entropy
 from .moe import MoE
@@ -61,6 +63,9 @@ class Block(nn.Module):
 
 
 class Orion(nn.Module):
+    """The model as this file's docstring draws it. Its experts run moe.py's one plain way;
+    fast.accelerate(model) swaps in the faster ways (nano_orion.load does)."""
+
     def __init__(self, config: OrionConfig):
         super().__init__()
         self.config = config
@@ -96,29 +101,44 @@ class Orion(nn.Module):
         """An empty KV cache for `batch_size` sequences of up to `max_len` tokens, one per layer."""
         if max_len > self.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}")
-        dtype = self.embed.weight.dtype  # the activations' dtype (lm_head may be int8: quantize.py)
+        dtype = self.embed.weight.dtype  # the activations' dtype
         return [block.attn.new_cache(batch_size, max_len, dtype) for block in self.layers]
 
-    def forward(self, idx, cache=None, start_pos=0, pad_mask=None, last_only: bool = False, targets=None):
-        """idx (B, T) int64 token ids -> logits (B, T, vocab_size) float32.
+    def forward(self, idx, cache=None, start_pos=0, pad_mask=None, last_only: bool = False):
+        """idx (B, T) int64 token ids -> logits (B, T, vocab_size) float32; the arguments are hidden()'s.
+
+        last_only: the logits of the last position only, (B, 1, vocab_size): all that generating
+            the next token needs (8192 positions of Orion's vocabulary are 3.7 GB in float32).
+        """
+        x = self.hidden(idx, cache, start_pos, pad_mask)
+        return self.lm_head(x[:, -1:] if last_only else x).float()
+
+    def loss(self, idx, targets):
+        """The mean cross-entropy of predicting targets (B, T) int64 from idx (B, T): a 0-d
+        float32 tensor, computed without holding all the logits (loss.py)."""
+        if not self.lm_head.weight.is_floating_point():  # e.g. int8 (quantize.py): the weight is not the matrix
+            raise ValueError("loss() needs a float output layer; for a quantized model, compute the cross-entropy of its logits")
+        return cross_entropy(self.hidden(idx).flatten(0, 1), self.lm_head.weight, targets.flatten())
+
+    def hidden(self, idx, cache=None, start_pos=0, pad_mask=None):
+        """idx (B, T) int64 token ids -> the final hidden vectors norm(x), (B, T, dim).
 
         cache, start_pos: with a cache from new_cache(), idx holds the tokens at positions
             start_pos .. start_pos + T - 1 and attends to the cached ones before them.
-            start_pos is an int, or a 0-d tensor (a compiled decoding step reads it on the device).
+            start_pos is an int, or a 0-d tensor that a compiled decoding step reads on the
+            device (docs/10_fast_decoding.md): then nothing about it is checked.
         pad_mask (B, >= start_pos + T) bool, True at real tokens: for left-padded batches.
             Each row's positions count its real tokens only, so padding changes nothing.
-        last_only: logits of the last position only, (B, 1, vocab_size): all that generating
-            the next token needs (8192 positions of Orion's vocabulary are 3.7 GB in float32).
-        targets (B, T) int64: return the mean cross-entropy of predicting them instead of the
-            logits, a 0-d float32 tensor, computed without holding all the logits (loss.py).
         """
         B, T = idx.shape
-        if not torch.is_tensor(start_pos):
+        if isinstance(start_pos, int):
             self.check_positions(B, T, cache, start_pos, pad_mask)
         slots = start_pos + torch.arange(T, device=idx.device)  # (T,) where the tokens sit in the sequence
-        positions = token_positions(slots, pad_mask)  # (1 or B, T)
+        positions = slots[None]  # (1 or B, T): the RoPE position of each token, its slot ...
+        if pad_mask is not None:  # ... minus the padding before it (a pad slot gets 0; its output is never used)
+            positions = (pad_mask.long().cumsum(-1)[:, slots] - 1).clamp(min=0)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (1 or B, T, head_dim)
-        if pad_mask is None and not torch.is_tensor(start_pos) and start_pos == 0:
+        if pad_mask is None and isinstance(start_pos, int) and start_pos == 0:
             mask = None  # plain causal attention among the T tokens: the fastest kernels
         else:
             mask = attention_mask(slots, T if cache is None else cache[0].k.shape[2], pad_mask)
@@ -126,14 +146,7 @@ class Orion(nn.Module):
         x = self.embed(idx)  # (B, T, dim)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, mask, None if cache is None else cache[i], slots)
-        if last_only:
-            x = x[:, -1:]
-        x = self.norm(x)
-        if targets is not None:
-            if not isinstance(self.lm_head, nn.Linear):  # e.g. quantize.Int8Linear: its weight is not the matrix
-                raise ValueError("targets= needs a float output layer; for a quantized model, compute the cross-entropy of its logits")
-            return cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
-        return self.lm_head(x).float()  # (B, T or 1, vocab_size)
+        return self.norm(x)
 
     def routing(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's routing in the last forward pass: the router's probs (B*T, n_experts)

@@ -23,14 +23,13 @@ auxiliary load-balancing loss (Switch Transformer, as in Mixtral) is
 f_e the fraction of tokens routed to expert e, P_e the mean router probability of e. It
 equals top_k when routing is perfectly even and grows as it concentrates.
 
-Ways to run the experts, all computing the same thing: `moe_reference` loops over experts
-and is obviously right. `moe_grouped` serves many tokens (training, prompts): it sorts the
-(token, expert) pairs by expert, so that each expert's tokens form one block, and one
-grouped matmul (F.grouped_mm) multiplies every block by its expert, all on the device.
-Two serve decoding, a token or a few at a time, where reading the weights is the cost:
-`moe_gathered` multiplies each (token, expert) pair by just that expert's weights, read in
-place (gemv.py; on a GPU, without asking the host which experts were chosen), and
-`moe_one_token` runs a single token's experts one after another (the CPU's eager path).
+The mixture by its definition, one expert at a time, is `moe_reference`. The `Experts`
+module computes the same thing grouped, which is what makes it fast for many tokens: it
+sorts the (token, slot) pairs by expert, so that each expert's tokens form one block,
+multiplies each block by its expert, and adds each output, weighted, back to its token.
+Other ways to run the same experts, each faster on some hardware (one grouped matmul for
+all blocks, reading only the chosen experts' weights when decoding, int8 weights), are
+not part of this lesson: fast.py and quantize.py swap them in for `MoE.experts`.
 """
 
 import torch
@@ -38,9 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OrionConfig
-from .gemv import expert_gemv
-
-DECODE_TOKENS = 8  # up to this many tokens (and no gradients), decoding's paths serve
 
 
 def route(router_logits: torch.Tensor, top_k: int):
@@ -79,43 +75,16 @@ def moe_grouped(x, weights, experts, w1, w3, w2):
     order = experts.flatten().argsort(stable=True)  # (token, slot) pairs sorted by expert
     token = order // top_k  # the token of each sorted pair
     xs = x[token]  # (N * top_k, dim): block e holds the tokens routed to expert e
-    counts = expert_counts(experts, w1.shape[0])  # block sizes
-    dtype = compute_dtype(x)
-    if grouped_mm_runs(x.device, dtype, x.shape[1], w1.shape[1], torch.compiler.is_compiling()):
-        ends = counts.cumsum(0, dtype=torch.int32)  # where each block ends
-        xs, w1, w3, w2 = (t.to(dtype) for t in (xs, w1, w3, w2))  # grouped_mm is not autocast's
-
-        def grouped(a, w):  # a's block e times w[e]^T, every block in one kernel
-            return F.grouped_mm(a, w.transpose(-2, -1), offs=ends)
-
-        y = grouped(F.silu(grouped(xs, w1)) * grouped(xs, w3), w2)
-    else:  # one matmul per expert, in Python: the host waits for the block sizes
-        # unbind, not w1[e]: in backward each w1[e] would add a full-size zero-padded gradient to w1
-        experts_w = zip(w1.unbind(0), w3.unbind(0), w2.unbind(0))
-        y = torch.cat([expert_ffn(xe, *w) for xe, w in zip(xs.split(counts.tolist()), experts_w) if len(xe)])
-    y = (y * weights.flatten()[order, None]).to(x.dtype)
+    counts = experts.flatten().bincount(minlength=w1.shape[0])  # block sizes
+    ends = counts.cumsum(0).tolist()  # where each block ends, on the host: the loop below needs them
+    blocks, start = [], 0
+    # unbind, not w1[e]: in backward each w1[e] would add a full-size zero-padded gradient to w1
+    for end, w1_e, w3_e, w2_e in zip(ends, w1.unbind(0), w3.unbind(0), w2.unbind(0)):
+        if end > start:  # expert e multiplies its block
+            blocks.append(expert_ffn(xs[start:end], w1_e, w3_e, w2_e))
+        start = end
+    y = (torch.cat(blocks) * weights.flatten()[order, None]).to(x.dtype)  # each pair's output, weighted
     return torch.zeros_like(x).index_add_(0, token, y)  # sum each token's top_k outputs
-
-
-def moe_gathered(x, weights, experts, w1, w3, w2, scales=(None, None, None)):
-    """Same as moe_reference for a few tokens: each (token, slot) pair multiplies only its
-    expert's weights, read in place (gemv.expert_gemv). scales: the per-row scales of int8
-    weights (quantize.py), applied to the outputs."""
-    N, top_k = experts.shape
-    expert = experts.flatten()  # (N * top_k,): the expert of each (token, slot) pair
-    xs = x.repeat_interleave(top_k, dim=0)  # (N * top_k, dim): each pair's token
-    s1, s3, s2 = scales
-    h = F.silu(expert_gemv(xs, w1, expert, s1)) * expert_gemv(xs, w3, expert, s3)  # (N * top_k, ffn_dim)
-    y = expert_gemv(h, w2, expert, s2).view(N, top_k, -1)  # each chosen expert's output
-    return (y * weights[..., None].to(y.dtype)).sum(1)
-
-
-def moe_one_token(x, weights, experts, w1, w3, w2):
-    """Same as moe_reference for one token, x (1, dim): its top_k experts, one after another."""
-    y = torch.zeros_like(x)
-    for w, e in zip(weights[0].to(x.dtype), experts[0].tolist()):
-        y += w * expert_ffn(x, w1[e], w3[e], w2[e])
-    return y
 
 
 def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -126,57 +95,38 @@ def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor) -> torch.Ten
     return n_experts * (f * P).sum()
 
 
-# ---- which kernels this machine has --------------------------------------------------------
+class Experts(nn.Module):
+    """n_experts SwiGLU feed-forward networks, their weights stacked: expert e is w1[e], w3[e], w2[e]."""
 
+    def __init__(self, n_experts: int, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, ffn_dim, dim))  # gate projection
+        self.w3 = nn.Parameter(torch.empty(n_experts, ffn_dim, dim))  # up projection
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, ffn_dim))  # down projection
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls on x run in: autocast's, where it is on, else x's."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def grouped_mm_runs(device: torch.device, dtype: torch.dtype, dim: int, ffn_dim: int, compiling: bool) -> bool:
-    """Whether F.grouped_mm runs here: on CUDA from torch 2.9 in bfloat16 on sm80 and later,
-    on the CPU from torch 2.13 (there, under torch.compile, in bfloat16 only); in bfloat16
-    the rows must be a multiple of 16 bytes long."""
-    if not hasattr(F, "grouped_mm") or (dtype == torch.bfloat16 and (dim % 8 or ffn_dim % 8)):
-        return False
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
-    new_enough = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 13)
-    return device.type == "cpu" and new_enough and (dtype == torch.bfloat16 or not compiling)
+    def forward(self, x, weights, experts):
+        """sum_j weights[:, j] * expert_{experts[:, j]}(x): x (N, dim), weights, experts (N, top_k) -> (N, dim)."""
+        return moe_grouped(x, weights, experts, self.w1, self.w3, self.w2)
 
 
 class MoE(nn.Module):
+    """A router and the experts it chooses from."""
+
     def __init__(self, config: OrionConfig):
         super().__init__()
         self.top_k = config.top_k
-        E, D, F_ = config.n_experts, config.dim, config.ffn_dim
-        self.router = nn.Linear(D, E, bias=False)
-        # The experts' weights, stacked: expert e is w1[e], w3[e], w2[e].
-        self.w1 = nn.Parameter(torch.empty(E, F_, D))  # gate projection
-        self.w3 = nn.Parameter(torch.empty(E, F_, D))  # up projection
-        self.w2 = nn.Parameter(torch.empty(E, D, F_))  # down projection
+        self.experts = Experts(config.n_experts, config.dim, config.ffn_dim)  # first: init_weights draws it before the router
+        self.router = nn.Linear(config.dim, config.n_experts, bias=False)
         self.routing = None  # (probs, experts) of the last forward pass
 
     def forward(self, x):
         """x (B, T, dim) -> y (B, T, dim). The routing is kept in self.routing: the router's
         probs (B*T, n_experts) and the chosen experts (B*T, top_k), for the load-balancing
-        loss and for inspection (Orion.routing gathers every layer's). In a compiled decoding
-        step replayed as a CUDA graph they live in the graph's memory, which the next step
-        overwrites: read them before it, or clone them."""
+        loss and for inspection (Orion.routing gathers every layer's). After a compiled
+        decoding step they may live in memory the next step overwrites: read them before it,
+        or clone them (docs/10_fast_decoding.md)."""
         B, T, D = x.shape
         x = x.reshape(B * T, D)
         probs, weights, experts = route(self.router(x), self.top_k)
         self.routing = (probs, experts)
-        return self.mix(x, weights, experts).reshape(B, T, D)
-
-    def mix(self, x, weights, experts):
-        """sum_j weights[:, j] * expert_{experts[:, j]}(x), by the way that suits the work
-        (module docstring): x (N, dim) -> (N, dim)."""
-        decoding = len(x) <= DECODE_TOKENS and not torch.is_grad_enabled()
-        if decoding and (x.is_cuda or torch.compiler.is_compiling()):
-            return moe_gathered(x, weights, experts, self.w1, self.w3, self.w2)
-        if len(x) == 1:
-            return moe_one_token(x, weights, experts, self.w1, self.w3, self.w2)
-        return moe_grouped(x, weights, experts, self.w1, self.w3, self.w2)
+        return self.experts(x, weights, experts).reshape(B, T, D)

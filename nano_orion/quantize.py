@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemv
-from .moe import DECODE_TOKENS, MoE, moe_gathered, moe_grouped
+from .fast import DECODE_TOKENS, grouped_mm_dtype, moe_gathered, moe_grouped_mm
+from .moe import Experts, moe_grouped
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,34 +55,36 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
 
-class Int8MoE(MoE):
-    """An MoE layer whose experts' weights are int8, (n_experts, out, in) with scales
-    (n_experts, out); the router stays in high precision. Routing is MoE's; only the way
-    the experts are multiplied (`mix`) differs."""
+class Int8Experts(nn.Module):
+    """moe.Experts with int8 weights, (n_experts, out, in), and their scales (n_experts, out).
+    A few tokens read only their chosen experts, converting as they read (fast.moe_gathered);
+    many convert every expert's weights first and run the grouped computation as
+    fast.FastExperts would."""
 
-    def __init__(self, moe: MoE, device=None):
-        nn.Module.__init__(self)  # not MoE.__init__, which would allocate float expert weights
-        self.top_k = moe.top_k
-        self.router = moe.router.to(device)
-        self.routing = None
+    def __init__(self, experts: Experts, device=None):
+        super().__init__()
         for name in ("w1", "w3", "w2"):
-            q, scale = quantize_int8(getattr(moe, name).detach().to(device))
+            q, scale = quantize_int8(getattr(experts, name).detach().to(device))
             self.register_buffer(name, q)
             self.register_buffer("scale_" + name, scale)
 
-    def mix(self, x, weights, experts):
-        if len(x) <= DECODE_TOKENS:  # read only the chosen experts, converting as they are read
+    def forward(self, x, weights, experts):
+        if len(x) <= DECODE_TOKENS:
             scales = (self.scale_w1, self.scale_w3, self.scale_w2)
             return moe_gathered(x, weights, experts, self.w1, self.w3, self.w2, scales)
         w1, w3, w2 = (dequantize(getattr(self, n), getattr(self, "scale_" + n), x.dtype) for n in ("w1", "w3", "w2"))
-        return moe_grouped(x, weights, experts, w1, w3, w2)
+        dtype = grouped_mm_dtype(x, w1.shape[1], torch.compiler.is_compiling())
+        if dtype is None:
+            return moe_grouped(x, weights, experts, w1, w3, w2)
+        return moe_grouped_mm(x, weights, experts, w1, w3, w2, dtype)
 
 
 def quantize_block(block, device=None):
     """One transformer block's attention projections and experts to int8, in place (quantize_model)."""
     for name in ("wq", "wk", "wv", "wo"):
         setattr(block.attn, name, Int8Linear(getattr(block.attn, name), device))
-    block.moe = Int8MoE(block.moe, device)
+    block.moe.router.to(device)
+    block.moe.experts = Int8Experts(block.moe.experts, device)
 
 
 @torch.no_grad()

@@ -36,11 +36,6 @@ def rope_cos_sin(head_dim: int, max_seq_len: int, theta: float, device=None) -> 
     return angles.cos(), angles.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, n_heads, T, head_dim) by the angles of its positions.
 
@@ -48,4 +43,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """
     cos = cos.unsqueeze(1).to(x.dtype)  # (B, 1, T, head_dim): the same angle for every head
     sin = sin.unsqueeze(1).to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-x2, x1], dim=-1)  # rotate_half(x)
+    return x * cos + rotated_half * sin

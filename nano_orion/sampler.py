@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fast import accelerate
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -121,6 +123,18 @@ def decode_step_of(model):
     return step
 
 
+def decoding_cache(model, batch_size: int, max_len: int):
+    """model.new_cache(batch_size, max_len), made ready for a compiled decoding step: its
+    buffers stay where they are, so a CUDA graph may update them in place, and their length
+    may differ from one generation to the next without compiling again."""
+    cache = model.new_cache(batch_size, max_len)
+    for layer in cache:
+        for t in (layer.k, layer.v):
+            torch._dynamo.mark_static_address(t, guard=False)
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+    return cache
+
+
 def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
     """decode_step_of(model) compiled for speed: the whole step one graph (fullgraph), its
     shapes fixed but for the cache's length, and on a GPU captured as a CUDA graph (the
@@ -128,7 +142,10 @@ def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
     tuning tunes each generated kernel's block sizes (bandwidth-bound GEMVs gain). Compiling
     takes a while; it happens here, on a short dummy generation of `batch_size` rows
     (left-padded if `padded`), not on the first real tokens. A batch of another size, or with
-    padding where the warm-up had none, compiles once more when it first runs."""
+    padding where the warm-up had none, compiles once more when it first runs. The model's
+    experts are made fast first, in place (fast.accelerate): the plain ones ask the host for
+    their block sizes, which a compiled graph cannot."""
+    accelerate(model)
     device = model.embed.weight.device
     options = {"triton.cudagraphs": device.type == "cuda", "coordinate_descent_tuning": True}
     step = torch.compile(decode_step_of(model), fullgraph=True, options=options)
@@ -153,11 +170,11 @@ def generate_tokens(model, idx, max_new_tokens: int, sampling: SamplingConfig = 
     if max_new_tokens <= 0:
         return
     decode_step = decode_step or decode_step_of(model)
-    cache = model.new_cache(B, T + max_new_tokens)
+    cache = decoding_cache(model, B, T + max_new_tokens)
     logits = model(idx, cache=cache, pad_mask=pad_mask, last_only=True)[:, -1]  # prefill: (B, vocab_size)
     if pad_mask is not None:
         pad_mask = F.pad(pad_mask, (0, max_new_tokens), value=True)  # (B, T + max_new_tokens): new tokens are real
-        torch._dynamo.maybe_mark_dynamic(pad_mask, 1)  # its length, the cache's, may vary (attention.KVCache)
+        torch._dynamo.maybe_mark_dynamic(pad_mask, 1)  # its length, the cache's, may vary (decoding_cache)
     pos = torch.tensor(T, device=idx.device)  # where the next token goes: on the device, advanced in place
     ids = idx
     for step in range(max_new_tokens):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import nano_orion
 from nano_orion import CheckpointError, checkpoint
@@ -24,6 +25,17 @@ def test_save_load_round_trip_sharded(tmp_path):
     idx = torch.randint(0, 100, (2, 9))
     with torch.no_grad():  # same weights; kernels may round differently on differently aligned memory
         torch.testing.assert_close(loaded(idx), model(idx), rtol=0, atol=1e-6)
+
+
+def test_a_checkpoint_of_nano_orion_0_1_loads(tmp_path):
+    """0.1 named a layer's stacked experts layers.N.moe.w1 (now layers.N.moe.experts.w1)."""
+    model = small_model()
+    nano_orion.save(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    old = {name.replace(".moe.experts.", ".moe."): t for name, t in tensors.items()}
+    assert "layers.0.moe.w1" in old and len(old) == len(tensors)
+    save_file(old, tmp_path / "model.safetensors")
+    assert_same_weights(nano_orion.load(tmp_path)[0], model)
 
 
 def test_saving_again_replaces_the_weights_and_keeps_other_files(tmp_path):

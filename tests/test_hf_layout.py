@@ -89,7 +89,7 @@ def test_conversion_to_bfloat16_writes_bfloat16_sharded(tmp_path):
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     original = released_tensors(RMSNORM)
     w2 = torch.stack([original[f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight"] for e in range(8)])
-    assert torch.equal(tensors["layers.1.moe.w2"], w2.to(torch.bfloat16))  # experts stacked in order
+    assert torch.equal(tensors["layers.1.moe.experts.w2"], w2.to(torch.bfloat16))  # experts stacked in order
 
 
 @pytest.mark.parametrize("fixture", [LAYERNORM, RMSNORM], ids=["layernorm", "rmsnorm"])

@@ -156,11 +156,11 @@ def test_a_compiled_loss_is_one_graph_with_the_same_value_and_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_the_model_returns_the_loss_of_its_logits_given_targets():
+def test_the_models_loss_is_the_loss_of_its_logits():
     torch.manual_seed(0)
     model = Orion(OrionConfig.preset("toy", n_layers=2))
     x, y = torch.randint(0, 4096, (3, 40)), torch.randint(0, 4096, (3, 40))
-    got = model(x, targets=y)
+    got = model.loss(x, y)
     got_grads = torch.autograd.grad(got, list(model.parameters()))
     want = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
     want_grads = torch.autograd.grad(want, list(model.parameters()))
@@ -169,8 +169,8 @@ def test_the_model_returns_the_loss_of_its_logits_given_targets():
         torch.testing.assert_close(a, b)
 
 
-def test_a_quantized_model_refuses_targets_instead_of_reading_int8_as_weights():
+def test_a_quantized_models_loss_refuses_instead_of_reading_int8_as_weights():
     model = quantize_model(Orion(OrionConfig.preset("toy", n_layers=1)))
     x = torch.randint(0, 4096, (1, 8))
     with pytest.raises(ValueError, match="float output layer"):
-        model(x, targets=x)
+        model.loss(x, x)

@@ -1,17 +1,12 @@
 """Routing and expert dispatch."""
 
-from unittest import mock
-
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nano_orion import OrionConfig
-import nano_orion.moe
-from nano_orion.moe import (MoE, expert_counts, load_balancing_loss, moe_gathered, moe_grouped, moe_one_token,
-                            moe_reference, route)
+from nano_orion.moe import MoE, expert_counts, load_balancing_loss, moe_grouped, moe_reference, route
 
 
 @st.composite
@@ -54,92 +49,24 @@ def random_experts(g, E, dim, ffn_dim, requires_grad=False):
     return w1, w3, w2
 
 
-# Whether this torch runs F.grouped_mm on the CPU (from 2.13, which make test installs; a GPU
-# machine's python may be older).
-CPU_GROUPED_MM = nano_orion.moe.grouped_mm_runs(torch.device("cpu"), torch.float32, 16, 24, compiling=False)
-
-
 @settings(max_examples=40, deadline=None)
-@given(routing_problems(), st.sampled_from([4, 16]), st.sampled_from([8, 20]), st.sampled_from([False, True] if CPU_GROUPED_MM else [False]))
-def test_grouped_dispatch_equals_reference_loop(problem, dim, ffn_dim, grouped_mm):
-    """Both ways moe_grouped runs: one F.grouped_mm per projection, and the per-expert loop
-    it falls back to where grouped_mm is unavailable (forced here)."""
+@given(routing_problems(), st.sampled_from([4, 16]), st.sampled_from([8, 20]))
+def test_grouped_experts_equal_reference_loop(problem, dim, ffn_dim):
+    """moe_grouped (the Experts module's way: tokens sorted into one block per expert) against
+    the reference loop, values and gradients."""
     logits, top_k, g = problem
     N, E = logits.shape
     x = torch.randn(N, dim, generator=g, requires_grad=True)
     w1, w3, w2 = random_experts(g, E, dim, ffn_dim, requires_grad=True)
     _, weights, experts = route(logits, top_k)
-    with mock.patch.object(nano_orion.moe, "grouped_mm_runs", lambda *args: grouped_mm):
-        fast = moe_grouped(x, weights, experts, w1, w3, w2)
+    grouped = moe_grouped(x, weights, experts, w1, w3, w2)
     slow = moe_reference(x, weights, experts, w1, w3, w2)
-    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-5)
-    # Gradients agree too, so training may use the fast path.
-    grads_fast = torch.autograd.grad(fast.square().sum(), (x, w1, w3, w2))
+    torch.testing.assert_close(grouped, slow, atol=1e-4, rtol=1e-5)
+    # Gradients agree too, so training may use it.
+    grads_grouped = torch.autograd.grad(grouped.square().sum(), (x, w1, w3, w2))
     grads_slow = torch.autograd.grad(slow.square().sum(), (x, w1, w3, w2))
-    for a, b in zip(grads_fast, grads_slow):
+    for a, b in zip(grads_grouped, grads_slow):
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
-
-
-@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 13), reason="F.grouped_mm runs on the CPU from torch 2.13")
-def test_grouped_mm_runs_on_this_cpu():
-    """torch 2.13's CPU build has F.grouped_mm: the tests above exercise it, not only the fallback."""
-    cpu = torch.device("cpu")
-    assert nano_orion.moe.grouped_mm_runs(cpu, torch.float32, 16, 24, compiling=False)
-    assert not nano_orion.moe.grouped_mm_runs(cpu, torch.float32, 16, 24, compiling=True)  # compiled: bf16 only
-    assert not nano_orion.moe.grouped_mm_runs(cpu, torch.bfloat16, 12, 24, compiling=False)  # rows not 16-byte aligned
-
-
-def test_grouped_dispatch_in_bfloat16_under_autocast():
-    """Training's setting: float32 weights, bf16 autocast. grouped_mm gets bf16 operands
-    (it is not autocast's), and gradients reach the float32 weights."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 16, generator=g, requires_grad=True)
-    w1, w3, w2 = random_experts(g, 4, 16, 24, requires_grad=True)
-    _, weights, experts = route(torch.randn(40, 4, generator=g), 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = moe_grouped(x, weights, experts, w1, w3, w2)
-    slow = moe_reference(x, weights, experts, w1, w3, w2)
-    assert fast.dtype == torch.float32
-    torch.testing.assert_close(fast, slow, atol=0.05 * slow.abs().max().item(), rtol=0)
-    fast.square().sum().backward()
-    assert w1.grad.dtype == torch.float32 and w1.grad.abs().sum() > 0
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="F.grouped_mm's CUDA kernels need a GPU")
-def test_grouped_mm_on_the_gpu_with_blocks_of_any_size():
-    """On a GPU, bf16: forward and gradients against the float32 loop, with experts getting
-    token counts that are not multiples of 8 (and one getting none)."""
-    g = torch.Generator().manual_seed(0)
-    E, D, F_ = 8, 64, 128
-    experts = torch.tensor([[0, 1]] * 3 + [[1, 2]] * 5 + [[3, 5]] * 7 + [[6, 7]] * 2)  # expert 4: no tokens
-    weights = torch.rand(len(experts), 2, generator=g).softmax(-1)
-    x = torch.randn(len(experts), D, generator=g)
-    w = random_experts(g, E, D, F_)
-    args = [t.cuda().requires_grad_() for t in (x, *w)]
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        fast = moe_grouped(args[0], weights.cuda(), experts.cuda(), *args[1:])
-    ref_args = [t.clone().requires_grad_() for t in (x, *w)]
-    slow = moe_reference(ref_args[0], weights, experts, *ref_args[1:])
-    scale = slow.abs().max().item()
-    torch.testing.assert_close(fast.float().cpu(), slow, atol=0.03 * scale, rtol=0)
-    probe = torch.randn(slow.shape, generator=g)
-    for a, b in zip(torch.autograd.grad((fast.float().cpu() * probe).sum(), args), torch.autograd.grad((slow * probe).sum(), ref_args)):
-        torch.testing.assert_close(a.float().cpu(), b, atol=0.03 * b.abs().max().item(), rtol=0)
-
-
-@settings(max_examples=30, deadline=None)
-@given(routing_problems(), st.sampled_from([4, 16]), st.sampled_from([8, 20]))
-def test_decoding_dispatch_equals_reference_loop(problem, dim, ffn_dim):
-    """moe_gathered (any few tokens) and moe_one_token (one token), decoding's two ways."""
-    logits, top_k, g = problem
-    N, E = logits.shape
-    x = torch.randn(N, dim, generator=g)
-    w1, w3, w2 = random_experts(g, E, dim, ffn_dim)
-    _, weights, experts = route(logits, top_k)
-    slow = moe_reference(x, weights, experts, w1, w3, w2)
-    torch.testing.assert_close(moe_gathered(x, weights, experts, w1, w3, w2), slow, atol=1e-4, rtol=1e-5)
-    one = moe_one_token(x[:1], weights[:1], experts[:1], w1, w3, w2)
-    torch.testing.assert_close(one, slow[:1], atol=1e-4, rtol=1e-5)
 
 
 def test_expert_counts_equal_bincount():

@@ -38,7 +38,7 @@ def test_load_places_a_split_model_with_hooks(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "placement", head_on_meta)
     split, _ = nano_orion.load(tmp_path)
-    assert split.layers[2].moe.w1.device.type == "cpu" and split.lm_head.weight.is_meta
+    assert split.layers[2].moe.experts.w1.device.type == "cpu" and split.lm_head.weight.is_meta
     assert all(len(m._forward_pre_hooks) == 1 for m in (split, split.embed, *split.layers, split.norm, split.lm_head))
     logits = split(torch.randint(0, 100, (2, 7)))
     assert logits.is_meta and logits.shape == (2, 7, 100)

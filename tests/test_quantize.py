@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import nano_orion
 from nano_orion import OrionConfig
 from nano_orion.moe import MoE, moe_reference, route
-from nano_orion.quantize import Int8Linear, Int8MoE, dequantize, quantize_int8, quantize_model
+from nano_orion.quantize import Int8Experts, Int8Linear, dequantize, quantize_int8, quantize_model
 
 from conftest import FIXTURE_NAMES, FIXTURES, load_script, reference
 
@@ -29,19 +29,19 @@ def test_rounding_error_is_at_most_half_a_step(seed, E, out, inp):
 @pytest.mark.parametrize("N", [1, 3, 20])
 @torch.no_grad()
 def test_int8_experts_compute_the_mixture_of_their_dequantized_weights(N):
-    """Both of Int8MoE's ways (a few tokens: the chosen experts read in int8, scales on the
+    """Both of Int8Experts' ways (a few tokens: the chosen experts read in int8, scales on the
     outputs; many: converted weights, grouped) against the expert loop on q * scale."""
     torch.manual_seed(N)
     moe = MoE(OrionConfig(dim=16, ffn_dim=24, n_experts=8, top_k=2, n_heads=2, n_kv_heads=1, vocab_size=10))
     for param in moe.parameters():
         torch.nn.init.normal_(param)
-    int8 = Int8MoE(moe)
+    int8 = Int8Experts(moe.experts)
     x = torch.randn(N, 16)
     _, weights, experts = route(torch.randn(N, 8), 2)
     w = [dequantize(getattr(int8, n), getattr(int8, "scale_" + n), torch.float32) for n in ("w1", "w3", "w2")]
     expected = moe_reference(x, weights, experts, *w)
-    torch.testing.assert_close(int8.mix(x, weights, experts), expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(int8(x[None])[0], moe(x[None])[0], atol=0.1 * expected.abs().max().item(), rtol=0)
+    torch.testing.assert_close(int8(x, weights, experts), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(int8(x, weights, experts), moe.experts(x, weights, experts), atol=0.1 * expected.abs().max().item(), rtol=0)
 
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)
@@ -56,10 +56,10 @@ def test_what_is_quantized(models):
     _, model, _ = models
     block = model.layers[0]
     assert all(isinstance(getattr(block.attn, n), Int8Linear) for n in ("wq", "wk", "wv", "wo"))
-    assert isinstance(block.moe, Int8MoE) and isinstance(model.lm_head, Int8Linear)
+    assert isinstance(block.moe.experts, Int8Experts) and isinstance(model.lm_head, Int8Linear)
     assert block.moe.router.weight.dtype == torch.float32 and model.embed.weight.dtype == torch.float32
-    assert block.moe.w1.dtype == torch.int8 and block.moe.w1.shape == (8, 96, 64)
-    assert block.moe.scale_w1.shape == (8, 96)
+    assert block.moe.experts.w1.dtype == torch.int8 and block.moe.experts.w1.shape == (8, 96, 64)
+    assert block.moe.experts.scale_w1.shape == (8, 96)
 
 
 @torch.no_grad()

@@ -81,7 +81,7 @@ def test_weight_decay_on_matrices_and_stacked_experts_only():
     expected = {"embed.weight", "lm_head.weight"} | {
         f"layers.{i}.{w}" for i in range(2)
         for w in ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight",
-                  "moe.router.weight", "moe.w1", "moe.w2", "moe.w3")}
+                  "moe.router.weight", "moe.experts.w1", "moe.experts.w2", "moe.experts.w3")}
     assert names == expected
     no_decay_names = {n for n, p in model.named_parameters() if id(p) not in ids}
     assert no_decay_names and all("norm" in n for n in no_decay_names)
@@ -91,12 +91,12 @@ def test_aux_loss_reaches_the_router_only():
     torch.manual_seed(0)
     model = Orion(OrionConfig.preset("toy", **TINY, vocab_size=64))
     x = torch.randint(0, 64, (2, 16))
-    ce, aux, counts = train.losses(model, model, x, x)
+    ce, aux, counts = train.losses(train.NextTokenLoss(model), model, x, x)
     aux.backward()
     for layer in model.layers:
         assert layer.moe.router.weight.grad.abs().sum() > 0  # the aux loss's gradient reaches every router
     # ... and only what feeds a router: not the last layer's experts, not the head
-    assert model.layers[-1].moe.w1.grad is None and model.lm_head.weight.grad is None
+    assert model.layers[-1].moe.experts.w1.grad is None and model.lm_head.weight.grad is None
     # counts: routed slots per expert, each layer's row sums to tokens x top_k
     assert counts.shape == (2, 4) and counts.sum(-1).tolist() == [2 * 16 * 2] * 2
     # the mean of the layers' load-balancing losses
@@ -268,7 +268,7 @@ def test_resume_reads_sharded_checkpoints(tmp_path, monkeypatch):
     config = OrionConfig.preset("toy", **TINY, vocab_size=64)
     model = Orion(config)
     optimizer = torch.optim.AdamW(train.param_groups(model, 0.1))
-    train.losses(model, model, torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))[0].backward()
+    train.losses(train.NextTokenLoss(model), model, torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))[0].backward()
     optimizer.step()
     (tmp_path / "tok.model").write_bytes(b"any")
     monkeypatch.setattr(train, "MAX_SHARD_BYTES", 100_000)  # what a model over 5 GB gets: shards + index
