@@ -3,7 +3,8 @@
 #   make demo      train the toy model on the CPU from scratch (a few minutes), then generate from it
 #   make test      run the test suite
 #   make bench     speed against transformers' MixtralForCausalLM on the same weights (CPU)
-#   make figures   redraw docs/figures/*.png (after make demo and make collapse-demo)
+#   make figures   redraw docs/figures/*.png from the code and the committed runs in docs/runs/
+#   make docs-runs replace docs/runs/ with make demo's and make collapse-demo's runs, and redraw
 #   make collapse-demo   the demo's run again without the load-balancing loss (docs/05_moe.md)
 #   make docs-refresh    rewrite the docs' shown outputs and code-link line numbers from the code
 #
@@ -24,7 +25,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo collapse-demo bench figures docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
+.PHONY: install test demo collapse-demo bench figures docs-runs docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
 
 install: $(VENV)/.installed
 	@made_with="$$(cat $(VENV)/.installed)"; if [ "$$made_with" != '$(TORCH)' ]; then \
@@ -103,16 +104,25 @@ bench-gpu:
 bench-train-gpu:
 	$(PY) -m benchmarks.bench_train --device cuda --config orion-583m --batch-size 16 --block-size 1024 --steps 30
 
-# ---- figures: CHECKPOINT's router is drawn; TRAIN_LOG (train.py's OUT_DIR/log.jsonl) gives
-# the loss and expert-load figures, skipped when empty; COLLAPSE_LOG (make collapse-demo's log),
-# when it exists, is drawn beside TRAIN_LOG in collapse.png. Installs the `docs` extra (matplotlib).
-CHECKPOINT ?= $(DEMO_OUT)
-TRAIN_LOG ?= $(DEMO_OUT)/log.jsonl
-COLLAPSE_LOG ?= $(COLLAPSE_OUT)/log.jsonl
+# ---- figures: every PNG of docs/figures, drawn by docs/make_figures.py from the code and from
+# the committed runs in docs/runs/ (no training needed). Installs the `docs` extra (matplotlib).
+# router.png's Chinese, Japanese and Korean characters need a font with their glyphs, found
+# among the system's fonts (Debian/Ubuntu: apt-get install fonts-noto-cjk); without one,
+# make_figures warns and spells them as U+XXXX.
 figures: install
 	$(PY) -m pip install -q -e ".[docs]"
-	$(PY) docs/make_figures.py --checkpoint $(CHECKPOINT) $(if $(TRAIN_LOG),--train-log $(TRAIN_LOG)) \
-		$(if $(and $(TRAIN_LOG),$(wildcard $(COLLAPSE_LOG))),--collapse-log $(COLLAPSE_LOG))
+	$(PY) docs/make_figures.py
+
+# docs-runs: after make demo and make collapse-demo, replace the committed runs the docs quote
+# and draw (docs/runs/{demo,collapse}: log.jsonl, config.json; the demo model's routing.json),
+# then redraw the figures. Then update the numbers the docs quote: make test names each one
+# that no longer matches (tests/test_doc_numbers.py).
+docs-runs: install
+	$(PY) -m pip install -q -e ".[docs]"
+	mkdir -p docs/runs/demo docs/runs/collapse
+	cp $(DEMO_OUT)/log.jsonl $(DEMO_OUT)/config.json docs/runs/demo/
+	cp $(COLLAPSE_OUT)/log.jsonl $(COLLAPSE_OUT)/config.json docs/runs/collapse/
+	$(PY) docs/make_figures.py --record-routing $(DEMO_OUT)
 
 # ---- docs-refresh: after a code change, rewrite the docs' shown outputs (```text output blocks)
 # and the #L<n> line anchors of their code links from the code, then review `git diff docs README.md`.
