@@ -5,6 +5,7 @@
 #   make bench     speed against transformers' MixtralForCausalLM on the same weights (CPU)
 #   make figures   redraw docs/figures/*.png from the code and the committed runs in docs/runs/
 #   make docs-runs replace docs/runs/ with make demo's and make collapse-demo's runs, and redraw
+#   make docs-model      retrain docs/trained/, the small model walkthroughs 4 and 7 show (a minute)
 #   make collapse-demo   the demo's run again without the load-balancing loss (docs/05_moe.md)
 #   make docs-refresh    rewrite the docs' shown outputs and code-link line numbers from the code
 #
@@ -25,7 +26,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo collapse-demo bench figures docs-runs docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
+.PHONY: install test demo collapse-demo bench figures docs-runs docs-model docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
 
 install: $(VENV)/.installed
 	@made_with="$$(cat $(VENV)/.installed)"; if [ "$$made_with" != '$(TORCH)' ]; then \
@@ -71,6 +72,20 @@ collapse-demo: install
 	$(PY) -c "import json; from nano_orion import OrionConfig; \
 		print(json.dumps(OrionConfig.preset('toy', router_aux_loss_coef=0.0).to_dict()))" > $(COLLAPSE_OUT).json
 	$(DEMO_ENV) $(PY) train.py --config $(COLLAPSE_OUT).json --out-dir $(COLLAPSE_OUT) $(DEMO_TRAIN_ARGS) --overwrite
+
+# docs-model: the small trained model of walkthroughs 4 and 7 (docs/trained/, 1.2 MB, about a
+# minute): a tiny MoE trained on the copy of argparse.py the docs ship. Then make docs-refresh.
+DOCS_MODEL_OUT ?= out/docs-model
+docs-model: install
+	mkdir -p $(dir $(DOCS_MODEL_OUT))
+	$(PY) -c "import json; c = json.load(open('docs/trained/config.json'))['config']; \
+		print(json.dumps({k: c[k] for k in ('dim', 'n_layers', 'n_heads', 'n_kv_heads', 'ffn_dim', 'n_experts', 'top_k', 'max_seq_len')}))" \
+		> $(DOCS_MODEL_OUT).json
+	$(PY) train.py --config $(DOCS_MODEL_OUT).json --data docs/corpus/argparse.py --data-dir $(DOCS_MODEL_OUT)-data \
+		--vocab-size 512 --out-dir $(DOCS_MODEL_OUT) --batch-size 16 --block-size 64 --lr 3e-3 --warmup-iters 20 \
+		--max-iters 600 --eval-interval 200 --eval-iters 4 --log-interval 50 --device cpu --threads 1 --overwrite
+	cp $(DOCS_MODEL_OUT)/config.json $(DOCS_MODEL_OUT)/model.safetensors $(DOCS_MODEL_OUT)/tokenizer.model \
+		$(DOCS_MODEL_OUT)/tokenizer_config.json $(DOCS_MODEL_OUT)/log.jsonl docs/trained/
 
 # ---- speed: generation, then training, each against transformers in one run ----
 # GEN_BENCH_ARGS: e.g. "--threads 1 --compile" adds a torch.compile'd decode step (a minute or two more).

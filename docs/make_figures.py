@@ -8,6 +8,8 @@ Figures, each computed here, none drawn by hand; the code of each is in docs/plo
   kv_cache.png         prefill, then one decode step: the slots of a real KVCache      architecture.py
   rope_angles.png      RoPE's rotation per position and plane (rope_cos_sin)           architecture.py
   attention_masks.png  causal, cached and padded masks (attention_mask)                architecture.py
+  attention.png        a trained model's attention heads over a line of code           architecture.py
+                       (the small model in docs/trained/)
   dispatch.png         the sorted dispatch of six tokens to their experts              dispatch.py
   router.png           router probabilities and choices, one sentence in four          routing.py
                        languages (RUNS/demo/routing.json)
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "docs")]  # nano_orion and docs/plots from the checkout, without installing
 
 import nano_orion  # noqa: E402,F401
-from plots.architecture import plot_gqa, plot_kv_cache, plot_masks, plot_moe_block, plot_rope  # noqa: E402
+from plots.architecture import plot_attention, plot_gqa, plot_kv_cache, plot_masks, plot_moe_block, plot_rope  # noqa: E402
 from plots.dispatch import plot_dispatch  # noqa: E402
 from plots.routing import plot_collapse, plot_router  # noqa: E402
 from plots.runs import (RUNS, byte_groups, cache_fill, example_routing, expert_shares, read_routing,  # noqa: E402,F401
@@ -70,12 +72,14 @@ def main(argv=None):
         record_routing(checkpoint, demo / "routing.json")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    made = ["moe_block.png", "gqa.png", "kv_cache.png", "rope_angles.png", "attention_masks.png", "dispatch.png", "roofline.png"]
+    made = ["moe_block.png", "gqa.png", "kv_cache.png", "rope_angles.png", "attention_masks.png", "attention.png",
+            "dispatch.png", "roofline.png"]
     plot_moe_block(args.out / "moe_block.png")
     plot_gqa(args.out / "gqa.png")
     plot_kv_cache(args.out / "kv_cache.png")
     plot_rope(args.out / "rope_angles.png")
     plot_masks(args.out / "attention_masks.png")
+    plot_attention(args.out / "attention.png")
     plot_dispatch(args.out / "dispatch.png")
     plot_roofline(args.out / "roofline.png")
     if (demo / "routing.json").is_file():

@@ -96,7 +96,7 @@ def test_main_draws_every_figure_and_skips_those_whose_runs_are_missing(tmp_path
     pytest.importorskip("matplotlib")
     out = tmp_path / "figures"
     make_figures.main(["--out", str(out), "--runs", str(tmp_path / "no-runs")])
-    assert sorted(p.name for p in out.iterdir()) == ["attention_masks.png", "dispatch.png", "gqa.png", "kv_cache.png",
+    assert sorted(p.name for p in out.iterdir()) == ["attention.png", "attention_masks.png", "dispatch.png", "gqa.png", "kv_cache.png",
                                                     "moe_block.png", "roofline.png", "rope_angles.png"]
     printed = capsys.readouterr().out
     assert "skipping router.png" in printed and "skipping expert_load.png, loss.png and collapse.png" in printed
@@ -105,7 +105,8 @@ def test_main_draws_every_figure_and_skips_those_whose_runs_are_missing(tmp_path
 
 def test_record_routing_writes_what_the_router_did_and_router_png_draws_it(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    for name in ("plot_moe_block", "plot_gqa", "plot_kv_cache", "plot_rope", "plot_masks", "plot_dispatch", "plot_roofline"):
+    for name in ("plot_moe_block", "plot_gqa", "plot_kv_cache", "plot_rope", "plot_masks", "plot_attention", "plot_dispatch",
+                 "plot_roofline"):
         monkeypatch.setattr(make_figures, name, lambda *args: None)  # drawn and checked by the test above
     runs, out = tmp_path / "runs", tmp_path / "figures"
     make_figures.main(["--out", str(out), "--runs", str(runs), "--record-routing", str(FIXTURES / "orion-mini-rmsnorm")])
@@ -139,7 +140,8 @@ def test_roofline_points_place_decode_left_of_the_ridge_and_prefill_right():
 
 def test_training_figures_draw_from_two_logs(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    for name in ("plot_moe_block", "plot_gqa", "plot_kv_cache", "plot_rope", "plot_masks", "plot_dispatch", "plot_roofline"):
+    for name in ("plot_moe_block", "plot_gqa", "plot_kv_cache", "plot_rope", "plot_masks", "plot_attention", "plot_dispatch",
+                 "plot_roofline"):
         monkeypatch.setattr(make_figures, name, lambda *args: None)  # drawn and checked by the test above
     g = torch.Generator().manual_seed(0)
     runs = {}
@@ -153,8 +155,8 @@ def test_training_figures_draw_from_two_logs(tmp_path, capsys, monkeypatch):
     assert make_figures.run_config(runs["collapse"]) is None
     out = tmp_path / "figures"
     make_figures.main(["--out", str(out), "--runs", str(tmp_path)])
-    assert "wrote moe_block.png, gqa.png, kv_cache.png, rope_angles.png, attention_masks.png, dispatch.png, roofline.png, " \
-           "expert_load.png, loss.png, collapse.png" in capsys.readouterr().out
+    assert ("wrote moe_block.png, gqa.png, kv_cache.png, rope_angles.png, attention_masks.png, attention.png, dispatch.png, "
+            "roofline.png, expert_load.png, loss.png, collapse.png") in capsys.readouterr().out
     for name in ("expert_load.png", "loss.png", "collapse.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

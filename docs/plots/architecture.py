@@ -10,7 +10,7 @@ import nano_orion
 from nano_orion.attention import attention_mask
 from nano_orion.rope import rope_cos_sin
 
-from .runs import cache_fill, example_routing
+from .runs import ROOT, cache_fill, example_routing
 from .style import (C_ATTN, C_CACHE, C_CHOSEN, C_EXPERT, C_MOE, C_NEW, C_NORM, C_RESID, C_ROUTER, arrow, box,
                     canvas, pyplot)
 
@@ -272,5 +272,33 @@ def plot_masks(out: Path):
         ax.set_yticks(range(mask.shape[0]), q_labels)
         ax.set(title=title, xlabel="key position", ylabel="query position")
     fig.suptitle("attention_mask(): 1 = the query may attend to the key")
+    fig.savefig(out)
+    plt.close(fig)
+
+
+# ---- attention.png: what a trained model's heads attend to ---------------------------------
+
+
+def plot_attention(out: Path, layer: int = 1):
+    """Each head's attention weights in one layer of the small trained model (docs/trained/)
+    over one line of code: a row per query token, a column per key token."""
+    from .runs import ATTENTION_TEXT, attention_weights
+
+    plt = pyplot()
+    model, tokenizer = nano_orion.load(ROOT / "docs/trained")
+    ids = torch.tensor([tokenizer.encode(ATTENTION_TEXT)])
+    weights = attention_weights(model, ids, layer)
+    pieces = [tokenizer.sp.id_to_piece(i).replace("▁", "␣") for i in ids[0].tolist()]
+    n_heads, T, _ = weights.shape
+    fig, axes = plt.subplots(2, (n_heads + 1) // 2, figsize=(10, 10.6), layout="constrained", squeeze=False)
+    for h, ax in enumerate(axes.flat):
+        im = ax.imshow(weights[h].numpy(), cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks(range(T), pieces, rotation=90, fontsize=8)
+        ax.set_yticks(range(T), pieces, fontsize=8)
+        ax.set_title(f"head {h}")
+        ax.set(xlabel="key (attended to)", ylabel="query")
+    fig.colorbar(im, ax=axes, fraction=0.03, label="attention weight (each row sums to 1)")
+    fig.suptitle(f"Attention of the trained model's layer {layer} (docs/trained: {model.config.n_layers} layers, "
+                 f"{n_heads} heads) over one line of code;\nabove the diagonal: the causal mask's zeros")
     fig.savefig(out)
     plt.close(fig)

@@ -170,3 +170,32 @@ def cache_fill(prompt_len: int = 5, max_len: int = 8):
     model(next_id, cache=cache, start_pos=prompt_len)  # one decode step
     filled.append(cache[0].k[0].abs().sum((0, 2)) > 0)
     return filled
+
+
+# The line of argparse.py-style code whose attention attention.png shows (walkthrough 4).
+ATTENTION_TEXT = "parser.add_argument('--verbose', action='store_true')"
+
+
+@torch.no_grad()
+def attention_weights(model, ids, layer: int) -> torch.Tensor:
+    """The causal attention weights of one layer for the token ids (1, T): (n_heads, T, T),
+    computed by hand from the layer's own wq, wk and RoPE, as walkthrough 4 does."""
+    import math
+
+    from nano_orion.rope import apply_rope
+
+    cfg, seen = model.config, {}
+    hook = model.layers[layer].attn_norm.register_forward_hook(lambda module, args, out: seen.update(x=out))
+    try:
+        model(ids)
+    finally:
+        hook.remove()
+    x, attn = seen["x"], model.layers[layer].attn
+    B, T, _ = x.shape
+    cos, sin = model.rope_cos[:T][None], model.rope_sin[:T][None]
+    q = apply_rope(attn.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2), cos, sin)
+    k = apply_rope(attn.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2), cos, sin)
+    k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(cfg.head_dim)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1)[0]
