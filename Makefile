@@ -3,7 +3,9 @@
 #   make demo      train the toy model on the CPU from scratch (a few minutes), then generate from it
 #   make test      run the test suite
 #   make bench     speed against transformers' MixtralForCausalLM on the same weights (CPU)
-#   make figures   redraw docs/figures/*.png (after make demo and make collapse-demo)
+#   make figures   redraw docs/figures/*.png from the code and the committed runs in docs/runs/
+#   make docs-runs replace docs/runs/ with make demo's and make collapse-demo's runs, and redraw
+#   make docs-model      retrain docs/trained/, the small model walkthroughs 4 and 7 show (a minute)
 #   make collapse-demo   the demo's run again without the load-balancing loss (docs/05_moe.md)
 #   make docs-refresh    rewrite the docs' shown outputs and code-link line numbers from the code
 #
@@ -24,7 +26,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo collapse-demo bench figures docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
+.PHONY: install test demo collapse-demo bench figures docs-runs docs-model docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
 
 install: $(VENV)/.installed
 	@made_with="$$(cat $(VENV)/.installed)"; if [ "$$made_with" != '$(TORCH)' ]; then \
@@ -71,6 +73,20 @@ collapse-demo: install
 		print(json.dumps(OrionConfig.preset('toy', router_aux_loss_coef=0.0).to_dict()))" > $(COLLAPSE_OUT).json
 	$(DEMO_ENV) $(PY) train.py --config $(COLLAPSE_OUT).json --out-dir $(COLLAPSE_OUT) $(DEMO_TRAIN_ARGS) --overwrite
 
+# docs-model: the small trained model of walkthroughs 4 and 7 (docs/trained/, 1.2 MB, about a
+# minute): a tiny MoE trained on the copy of argparse.py the docs ship. Then make docs-refresh.
+DOCS_MODEL_OUT ?= out/docs-model
+docs-model: install
+	mkdir -p $(dir $(DOCS_MODEL_OUT))
+	$(PY) -c "import json; c = json.load(open('docs/trained/config.json'))['config']; \
+		print(json.dumps({k: c[k] for k in ('dim', 'n_layers', 'n_heads', 'n_kv_heads', 'ffn_dim', 'n_experts', 'top_k', 'max_seq_len')}))" \
+		> $(DOCS_MODEL_OUT).json
+	$(PY) train.py --config $(DOCS_MODEL_OUT).json --data docs/corpus/argparse.py --data-dir $(DOCS_MODEL_OUT)-data \
+		--vocab-size 512 --out-dir $(DOCS_MODEL_OUT) --batch-size 16 --block-size 64 --lr 3e-3 --warmup-iters 20 \
+		--max-iters 600 --eval-interval 200 --eval-iters 4 --log-interval 50 --device cpu --threads 1 --overwrite
+	cp $(DOCS_MODEL_OUT)/config.json $(DOCS_MODEL_OUT)/model.safetensors $(DOCS_MODEL_OUT)/tokenizer.model \
+		$(DOCS_MODEL_OUT)/tokenizer_config.json $(DOCS_MODEL_OUT)/log.jsonl docs/trained/
+
 # ---- speed: generation, then training, each against transformers in one run ----
 # GEN_BENCH_ARGS: e.g. "--threads 1 --compile" adds a torch.compile'd decode step (a minute or two more).
 GEN_BENCH_ARGS ?= --threads 1
@@ -103,16 +119,25 @@ bench-gpu:
 bench-train-gpu:
 	$(PY) -m benchmarks.bench_train --device cuda --config orion-583m --batch-size 16 --block-size 1024 --steps 30
 
-# ---- figures: CHECKPOINT's router is drawn; TRAIN_LOG (train.py's OUT_DIR/log.jsonl) gives
-# the loss and expert-load figures, skipped when empty; COLLAPSE_LOG (make collapse-demo's log),
-# when it exists, is drawn beside TRAIN_LOG in collapse.png. Installs the `docs` extra (matplotlib).
-CHECKPOINT ?= $(DEMO_OUT)
-TRAIN_LOG ?= $(DEMO_OUT)/log.jsonl
-COLLAPSE_LOG ?= $(COLLAPSE_OUT)/log.jsonl
+# ---- figures: every PNG of docs/figures, drawn by docs/make_figures.py from the code and from
+# the committed runs in docs/runs/ (no training needed). Installs the `docs` extra (matplotlib).
+# router.png's Chinese, Japanese and Korean characters need a font with their glyphs, found
+# among the system's fonts (Debian/Ubuntu: apt-get install fonts-noto-cjk); without one,
+# make_figures warns and spells them as U+XXXX.
 figures: install
 	$(PY) -m pip install -q -e ".[docs]"
-	$(PY) docs/make_figures.py --checkpoint $(CHECKPOINT) $(if $(TRAIN_LOG),--train-log $(TRAIN_LOG)) \
-		$(if $(and $(TRAIN_LOG),$(wildcard $(COLLAPSE_LOG))),--collapse-log $(COLLAPSE_LOG))
+	$(PY) docs/make_figures.py
+
+# docs-runs: after make demo and make collapse-demo, replace the committed runs the docs quote
+# and draw (docs/runs/{demo,collapse}: log.jsonl, config.json; the demo model's routing.json),
+# then redraw the figures. Then update the numbers the docs quote: make test names each one
+# that no longer matches (tests/test_doc_numbers.py).
+docs-runs: install
+	$(PY) -m pip install -q -e ".[docs]"
+	mkdir -p docs/runs/demo docs/runs/collapse
+	cp $(DEMO_OUT)/log.jsonl $(DEMO_OUT)/config.json docs/runs/demo/
+	cp $(COLLAPSE_OUT)/log.jsonl $(COLLAPSE_OUT)/config.json docs/runs/collapse/
+	$(PY) docs/make_figures.py --record-routing $(DEMO_OUT)
 
 # ---- docs-refresh: after a code change, rewrite the docs' shown outputs (```text output blocks)
 # and the #L<n> line anchors of their code links from the code, then review `git diff docs README.md`.

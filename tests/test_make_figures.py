@@ -92,14 +92,33 @@ def test_example_routing_and_cache_fill_read_the_real_code():
     assert after_decode.tolist() == [True] * 6 + [False] * 2
 
 
-def test_main_draws_every_figure_and_skips_training_figures_without_a_log(tmp_path, capsys):
+def test_main_draws_every_figure_and_skips_those_whose_runs_are_missing(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "figures"
-    make_figures.main(["--out", str(out)])
-    assert sorted(p.name for p in out.iterdir()) == ["attention_masks.png", "gqa.png", "kv_cache.png", "moe_block.png",
-                                                    "roofline.png", "rope_angles.png", "router.png"]
-    assert "skipping expert_load.png, loss.png and collapse.png" in capsys.readouterr().out
+    make_figures.main(["--out", str(out), "--runs", str(tmp_path / "no-runs")])
+    assert sorted(p.name for p in out.iterdir()) == ["attention.png", "attention_masks.png", "dispatch.png", "gqa.png", "kv_cache.png",
+                                                    "moe_block.png", "roofline.png", "rope_angles.png"]
+    printed = capsys.readouterr().out
+    assert "skipping router.png" in printed and "skipping expert_load.png, loss.png and collapse.png" in printed
     assert (out / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_record_routing_writes_what_the_router_did_and_router_png_draws_it(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    for name in ("plot_moe_block", "plot_gqa", "plot_kv_cache", "plot_rope", "plot_masks", "plot_attention", "plot_dispatch",
+                 "plot_roofline"):
+        monkeypatch.setattr(make_figures, name, lambda *args: None)  # drawn and checked by the test above
+    runs, out = tmp_path / "runs", tmp_path / "figures"
+    make_figures.main(["--out", str(out), "--runs", str(runs), "--record-routing", str(FIXTURES / "orion-mini-rmsnorm")])
+    assert "router.png" in capsys.readouterr().out and (out / "router.png").read_bytes()[:4] == b"\x89PNG"
+    record = make_figures.read_routing(runs / "demo" / "routing.json")
+    model, tokenizer = make_figures.nano_orion.load(FIXTURES / "orion-mini-rmsnorm")
+    sentence = record["sentences"]["Chinese"]
+    pieces, routers = make_figures.route_sentence(model, tokenizer, sentence["text"])
+    assert sentence["pieces"] == pieces and len(sentence["layers"]) == model.config.n_layers
+    for (probs, experts), (want_probs, want_experts) in zip(sentence["layers"], routers):
+        torch.testing.assert_close(probs, want_probs, rtol=0, atol=1e-5)  # kept to 5 decimals
+        assert torch.equal(experts, want_experts)
 
 
 def test_roofline_points_place_decode_left_of_the_ridge_and_prefill_right():
@@ -121,24 +140,33 @@ def test_roofline_points_place_decode_left_of_the_ridge_and_prefill_right():
 
 def test_training_figures_draw_from_two_logs(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    for name in ("plot_moe_block", "plot_gqa", "plot_kv_cache", "plot_rope", "plot_masks", "plot_router", "plot_roofline"):
+    for name in ("plot_moe_block", "plot_gqa", "plot_kv_cache", "plot_rope", "plot_masks", "plot_attention", "plot_dispatch",
+                 "plot_roofline"):
         monkeypatch.setattr(make_figures, name, lambda *args: None)  # drawn and checked by the test above
     g = torch.Generator().manual_seed(0)
     runs = {}
-    for name in ("balanced", "collapsed"):
+    for name in ("demo", "collapse"):
         records = [train_record(s, torch.rand(4, 8, generator=g).tolist()) for s in range(5, 55, 5)]
         (tmp_path / name).mkdir()
         runs[name] = write_log(tmp_path / name / "log.jsonl", records + [{"kind": "eval", "step": 50, "val_loss": 3.5}])
     # the run's config.json beside its log gives loss.png its reference lines
-    (tmp_path / "balanced" / "config.json").write_text(json.dumps({"config": {"vocab_size": 4096, "top_k": 2}}))
-    assert make_figures.run_config(runs["balanced"]) == {"vocab_size": 4096, "top_k": 2}
-    assert make_figures.run_config(runs["collapsed"]) is None
+    (tmp_path / "demo" / "config.json").write_text(json.dumps({"config": {"vocab_size": 4096, "top_k": 2}}))
+    assert make_figures.run_config(runs["demo"]) == {"vocab_size": 4096, "top_k": 2}
+    assert make_figures.run_config(runs["collapse"]) is None
     out = tmp_path / "figures"
-    make_figures.main(["--out", str(out), "--train-log", str(runs["balanced"]), "--collapse-log", str(runs["collapsed"])])
-    assert "wrote moe_block.png, gqa.png, kv_cache.png, rope_angles.png, attention_masks.png, router.png, roofline.png, " \
-           "expert_load.png, loss.png, collapse.png" in capsys.readouterr().out
+    make_figures.main(["--out", str(out), "--runs", str(tmp_path)])
+    assert ("wrote moe_block.png, gqa.png, kv_cache.png, rope_angles.png, attention_masks.png, attention.png, dispatch.png, "
+            "roofline.png, expert_load.png, loss.png, collapse.png") in capsys.readouterr().out
     for name in ("expert_load.png", "loss.png", "collapse.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_committed_runs_are_train_logs_of_the_same_shape():
+    demo, collapse = make_figures.read_run("demo"), make_figures.read_run("collapse")
+    assert demo[2]["router_aux_loss_coef"] == 0.01 and collapse[2]["router_aux_loss_coef"] == 0.0
+    assert [r["step"] for r in demo[0]] == [r["step"] for r in collapse[0]] == list(range(10, 301, 10))
+    assert {k: v for k, v in demo[2].items() if k != "router_aux_loss_coef"} == \
+           {k: v for k, v in collapse[2].items() if k != "router_aux_loss_coef"}
 
 
 def test_collapse_figure_needs_runs_of_the_same_shape(tmp_path):
@@ -149,27 +177,39 @@ def test_collapse_figure_needs_runs_of_the_same_shape(tmp_path):
         make_figures.plot_collapse(tmp_path / "collapse.png", a, b)
 
 
-def test_main_wants_the_balanced_log_beside_a_collapse_log(tmp_path, capsys):
-    log = write_log(tmp_path / "log.jsonl", [train_record(5, [[1, 1]])])
-    with pytest.raises(SystemExit):
-        make_figures.main(["--out", str(tmp_path / "figures"), "--collapse-log", str(log)])
-    assert "give both" in capsys.readouterr().err
-
-
 def test_main_rejects_a_checkpoint_without_tokenizer_before_drawing(tmp_path, capsys):
     checkpoint = tmp_path / "no-tokenizer"
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text((FIXTURES / "orion-mini-rmsnorm" / "config.json").read_text())
     out = tmp_path / "figures"
     with pytest.raises(SystemExit):
-        make_figures.main(["--out", str(out), "--checkpoint", str(checkpoint)])
+        make_figures.main(["--out", str(out), "--record-routing", str(checkpoint)])
     assert "no tokenizer.model" in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_main_rejects_a_missing_log_before_drawing(tmp_path, capsys):
+def test_main_rejects_a_bad_log_before_drawing(tmp_path):
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    (tmp_path / "runs" / "demo" / "log.jsonl").write_text("{not json\n")
     out = tmp_path / "figures"
-    with pytest.raises(SystemExit):
-        make_figures.main(["--out", str(out), "--train-log", str(tmp_path / "nope.jsonl")])
-    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not JSON"):
+        make_figures.main(["--out", str(out), "--runs", str(tmp_path / "runs")])
     assert not out.exists()
+
+
+def test_a_cjk_font_is_used_when_installed_and_its_absence_is_warned(monkeypatch):
+    pytest.importorskip("matplotlib")
+    import sys
+
+    style = sys.modules["plots.style"]
+    style.cjk_font.cache_clear()
+    monkeypatch.setattr(style, "CJK_FONTS", ("No Such Font",))
+    with pytest.warns(UserWarning, match="fonts-noto-cjk"):
+        assert style.cjk_font() is None
+    monkeypatch.undo()
+    style.cjk_font.cache_clear()
+    style.charmaps.cache_clear()
+    font = style.cjk_font()
+    assert font is None or font in style.CJK_FONTS
+    if font:  # the characters of router.png's sentences are drawn, not spelled as U+XXXX
+        assert all(style.can_draw(ch) for text in sys.modules["plots.runs"].SENTENCES.values() for ch in text)
