@@ -20,16 +20,33 @@ from nano_orion.hf_layout import convert_hf, export_hf
 
 
 def main(argv=None) -> int:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("src", metavar="SRC_DIR", help="the folder to read: released weights, or with --to-hf a nano_orion checkpoint")
-    parser.add_argument("out", metavar="OUT_DIR", help="the folder to write; must not exist (see --force); its parent must")
-    parser.add_argument(
-        "--dtype", default=None, metavar="DTYPE",
-        help=f"dtype of the written weights: {', '.join(DTYPES)} (default: keep the stored dtype, float16 for the released weights)",
+    parser = ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
     )
-    parser.add_argument("--to-hf", action="store_true", help="export a nano_orion checkpoint to the released layout (safetensors), "
-                        "loadable where the original loads (and, for RMSNorm models, by transformers' MixtralForCausalLM)")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only once the new folder is complete)")
+    parser.add_argument(
+        "src", metavar="SRC_DIR", help="the folder to read: released weights, or with --to-hf a nano_orion checkpoint"
+    )
+    parser.add_argument(
+        "out", metavar="OUT_DIR", help="the folder to write; must not exist (see --force); its parent must"
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        metavar="DTYPE",
+        help=(
+            f"dtype of the written weights: {', '.join(DTYPES)} (default: keep the stored dtype, float16 for the "
+            "released weights)"
+        ),
+    )
+    parser.add_argument(
+        "--to-hf",
+        action="store_true",
+        help="export a nano_orion checkpoint to the released layout (safetensors), "
+        "loadable where the original loads (and, for RMSNorm models, by transformers' MixtralForCausalLM)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace OUT_DIR if it exists (only once the new folder is complete)"
+    )
     parser.add_argument("--shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9, help="largest output shard, in GB")
     args = parser.parse_args(argv)
     try:
@@ -43,11 +60,16 @@ def main(argv=None) -> int:
         print(f"convert.py: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, permission denied, ...: the output folder is already removed
-        print(f"convert.py: error: {e.filename or args.out}: {e.strerror or e}; fix this and run again", file=sys.stderr)
+        print(
+            f"convert.py: error: {e.filename or args.out}: {e.strerror or e}; fix this and run again", file=sys.stderr
+        )
         return 1
     except SafetensorError as e:  # safetensors' own write error, e.g. a disk that filled up after the check
-        print(f"convert.py: error: {args.out}: writing failed ({first_line(e)}); fix this and run again "
-              "(nothing was written)", file=sys.stderr)
+        print(
+            f"convert.py: error: {args.out}: writing failed ({first_line(e)}); fix this and run again "
+            "(nothing was written)",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("convert.py: interrupted; nothing was written", file=sys.stderr)

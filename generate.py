@@ -46,41 +46,92 @@ def unescape(text: str) -> str:
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint folder (nano_orion or released layout, with tokenizer.model)")
+    p.add_argument(
+        "--ckpt", required=True, help="checkpoint folder (nano_orion or released layout, with tokenizer.model)"
+    )
     p.add_argument("--prompt", action="append", help="prompt text; repeat the flag to run several prompts as one batch")
     p.add_argument("--prompt-file", help="read the prompt from this file (the whole file is one prompt)")
-    p.add_argument("--prompt-ids", help="the prompt as comma-separated token ids, e.g. 506,449,232 (for exact reproduction)")
-    p.add_argument("--chat", action="store_true", help="a conversation in Orion's chat format: type messages at 'you> ', "
-                   "/reset starts over, /exit or Ctrl-D leaves")
-    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message, put in front of the first user message")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="most tokens to generate per prompt (with --chat, per reply); the longest prompt (the "
-                        "conversation) plus these must fit in the model's max_seq_len")
+    p.add_argument(
+        "--prompt-ids", help="the prompt as comma-separated token ids, e.g. 506,449,232 (for exact reproduction)"
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="a conversation in Orion's chat format: type messages at 'you> ', "
+        "/reset starts over, /exit or Ctrl-D leaves",
+    )
+    p.add_argument(
+        "--system", metavar="TEXT", help="with --chat: a system message, put in front of the first user message"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="most tokens to generate per prompt (with --chat, per reply); the longest prompt (the "
+        "conversation) plus these must fit in the model's max_seq_len",
+    )
     demo = ORION_DEMO
     p.add_argument("--temperature", type=float, default=demo.temperature, help="softmax temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, default=demo.top_k, help="sample among the k most likely tokens; 0 = all")
-    p.add_argument("--top-p", type=float, default=demo.top_p, help="sample among the most likely tokens holding this much probability; 1 = all")
-    p.add_argument("--repetition-penalty", type=float, default=demo.repetition_penalty, help="divide the logits of tokens already present by this; 1 = off")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=demo.no_repeat_ngram_size, help="never repeat an n-gram of this size; 0 = off")
-    p.add_argument("--stop", action="append", default=[],
-                   help=r"stop when this text appears (not printed); \n, \t and \\ in it mean a newline, a tab and a "
-                        r"backslash, so --stop '\n\n' stops at a blank line; repeatable")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=demo.top_p,
+        help="sample among the most likely tokens holding this much probability; 1 = all",
+    )
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=demo.repetition_penalty,
+        help="divide the logits of tokens already present by this; 1 = off",
+    )
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=demo.no_repeat_ngram_size,
+        help="never repeat an n-gram of this size; 0 = off",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help=r"stop when this text appears (not printed); \n, \t and \\ in it mean a newline, a tab and a "
+        r"backslash, so --stop '\n\n' stops at a blank line; repeatable",
+    )
     p.add_argument("--seed", type=int, default=1234, help="random seed: the same seed gives the same text")
     p.add_argument("--num-samples", type=int, default=1, help="how many completions per prompt, one after another")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda (the first GPU), cuda:N, or auto: cuda if a GPU is visible, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, help="weights and activations (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (a CUDA graph on GPUs): "
-                   "compiling takes a while at start (reported, and not counted in the decode speed), then every step is fast")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none", help="int8: weight-only int8 matmul weights, half of bf16's memory")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda (the first GPU), cuda:N, or auto: cuda if a GPU is visible, else cpu",
+    )
+    p.add_argument(
+        "--dtype", choices=DTYPES, help="weights and activations (default: bfloat16 on cuda, float32 on cpu)"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the one-token decode step (a CUDA graph on GPUs): "
+        "compiling takes a while at start (reported, and not counted in the decode speed), then every step is fast",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: weight-only int8 matmul weights, half of bf16's memory",
+    )
     p.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
     args = p.parse_args(argv)
     if sum(x is not None for x in (args.prompt, args.prompt_file, args.prompt_ids)) > 1:
         p.error("give only one of --prompt, --prompt-file, --prompt-ids")
     if args.chat:
-        not_in_chat = [("--prompt", args.prompt is not None), ("--prompt-file", args.prompt_file is not None),
-                       ("--prompt-ids", args.prompt_ids is not None), ("--stop", args.stop != []),
-                       ("--num-samples", args.num_samples != 1)]
+        not_in_chat = [
+            ("--prompt", args.prompt is not None),
+            ("--prompt-file", args.prompt_file is not None),
+            ("--prompt-ids", args.prompt_ids is not None),
+            ("--stop", args.stop != []),
+            ("--num-samples", args.num_samples != 1),
+        ]
         for flag, given in not_in_chat:
             if given:
                 p.error(f"{flag}: not with --chat, whose messages are typed at 'you> '; leave out one of the two")
@@ -143,9 +194,14 @@ def length_problem(ids: list[list[int]], max_new_tokens: int, max_seq_len: int) 
         return None
     which = "the prompt" if len(ids) == 1 else "the longest prompt"
     if longest >= max_seq_len:
-        return f"{which} has {longest} tokens, and the model's max_seq_len {max_seq_len} leaves no room for new ones; shorten it"
-    return (f"--max-new-tokens {max_new_tokens}: {which} takes {longest} of the model's {max_seq_len} positions "
-            f"(max_seq_len), so at most {max_seq_len - longest} new tokens fit")
+        return (
+            f"{which} has {longest} tokens, and the model's max_seq_len {max_seq_len} leaves no room for new "
+            "ones; shorten it"
+        )
+    return (
+        f"--max-new-tokens {max_new_tokens}: {which} takes {longest} of the model's {max_seq_len} positions "
+        f"(max_seq_len), so at most {max_seq_len - longest} new tokens fit"
+    )
 
 
 def command_line_prompts(p, args, tokenizer, config) -> tuple[list[str], list[list[int]]]:
@@ -153,8 +209,10 @@ def command_line_prompts(p, args, tokenizer, config) -> tuple[list[str], list[li
     one-line error, before anything is printed, for a prompt that cannot run."""
     if args.prompt_ids is not None:
         if max(args.prompt_ids) >= config.vocab_size:
-            p.error(f"--prompt-ids: {max(args.prompt_ids)} is not a token id; the vocabulary has {config.vocab_size} "
-                    f"(ids 0 to {config.vocab_size - 1})")
+            p.error(
+                f"--prompt-ids: {max(args.prompt_ids)} is not a token id; the vocabulary has {config.vocab_size} "
+                f"(ids 0 to {config.vocab_size - 1})"
+            )
         texts, ids = [tokenizer.decode(args.prompt_ids)], [args.prompt_ids]
     else:
         if args.prompt_file is not None:
@@ -188,9 +246,11 @@ def chat_start(p, args, tokenizer, config) -> list[dict]:
     shortest = len(chat_ids(tokenizer, start + [{"role": "user", "content": ""}]))
     if shortest > room:
         with_system = " with --system" if start else ""
-        p.error(f"--max-new-tokens {args.max_new_tokens}: a turn{with_system} takes at least {shortest} tokens, and the "
-                f"model's max_seq_len {config.max_seq_len} leaves room for {max(room, 0)}; ask for fewer new tokens"
-                + (" or shorten --system" if start else ""))
+        p.error(
+            f"--max-new-tokens {args.max_new_tokens}: a turn{with_system} takes at least {shortest} tokens, and the "
+            f"model's max_seq_len {config.max_seq_len} leaves room for {max(room, 0)}; ask for fewer new tokens"
+            + (" or shorten --system" if start else "")
+        )
     return start
 
 
@@ -221,10 +281,21 @@ def chat_session(p, args, start, model, tokenizer, sampling, generator, decode_s
             continue
         if dropped := sum(m["role"] == "user" for m in messages) - sum(m["role"] == "user" for m in kept):
             turns = "turn" if dropped == 1 else f"{dropped} turns"
-            print(f"[dropped the oldest {turns} to fit the model's max_seq_len {max_seq_len} with room for "
-                  f"{args.max_new_tokens} new tokens]", file=sys.stderr)
-        reply = nano_orion.chat(model, tokenizer, kept, sampling, stream=lambda chunk: print(chunk, end="", flush=True),
-                                max_new_tokens=args.max_new_tokens, generator=generator, decode_step=decode_step)
+            print(
+                f"[dropped the oldest {turns} to fit the model's max_seq_len {max_seq_len} with room for "
+                f"{args.max_new_tokens} new tokens]",
+                file=sys.stderr,
+            )
+        reply = nano_orion.chat(
+            model,
+            tokenizer,
+            kept,
+            sampling,
+            stream=lambda chunk: print(chunk, end="", flush=True),
+            max_new_tokens=args.max_new_tokens,
+            generator=generator,
+            decode_step=decode_step,
+        )
         print(flush=True)
         history = kept + [{"role": "assistant", "content": reply}]
 
@@ -243,8 +314,13 @@ def main(argv=None):
         decode_step = compile_decode_step(model, batch_size, padded)
         print(f"[compiled the decode step in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+    sampling = SamplingConfig(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+    )
 
     def run(texts, ids):
         """Complete the prompts (texts, as token ids); one streams, several print when all are done."""
@@ -255,9 +331,16 @@ def main(argv=None):
                     print(heading(0, 1, sample, args.num_samples))
                 print(texts[0], end="", flush=True)
             result = generate_text(
-                model, tokenizer, ids, args.max_new_tokens, sampling, stop=args.stop, device=args.device,
+                model,
+                tokenizer,
+                ids,
+                args.max_new_tokens,
+                sampling,
+                stop=args.stop,
+                device=args.device,
                 on_text=(lambda b, chunk: print(chunk, end="", flush=True)) if stream else None,
-                generator=generator, decode_step=decode_step,
+                generator=generator,
+                decode_step=decode_step,
             )
             if stream:
                 print(flush=True)

@@ -33,8 +33,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -51,73 +55,156 @@ from nano_orion.moe import expert_counts, load_balancing_loss
 
 # Dense bf16 peak of known GPUs (spec sheets, without sparsity), for the MFU estimate. A key
 # must be a whole word of torch.cuda.get_device_name(): "L4" is not "L40S", "A10" not "A10G".
-GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-                  "4090": 165e12}
+GPU_PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "4090": 165e12,
+}
 
 # The flags of a run: --resume takes them from the checkpoint. Of these, a resumed run may
 # change the ones in CHANGEABLE (how long it runs, how often it logs and evaluates, where the
-# prepared data is cached, the peak its MFU is relative to); the others would change its data, model or schedule mid-way. The
-# remaining flags say how this process runs (device, threads, ...): the command line's.
-RUN_FLAGS = ("config", "data", "data_dir", "vocab_size", "batch_size", "block_size", "grad_accum", "lr",
-             "warmup_iters", "lr_decay_iters", "weight_decay", "seed", "max_iters", "eval_interval", "eval_iters",
-             "log_interval", "peak_tflops")
+# prepared data is cached, the peak its MFU is relative to); the others would change its data,
+# model or schedule mid-way. The remaining flags say how this process runs (device, threads,
+# ...): the command line's.
+RUN_FLAGS = (
+    "config",
+    "data",
+    "data_dir",
+    "vocab_size",
+    "batch_size",
+    "block_size",
+    "grad_accum",
+    "lr",
+    "warmup_iters",
+    "lr_decay_iters",
+    "weight_decay",
+    "seed",
+    "max_iters",
+    "eval_interval",
+    "eval_iters",
+    "log_interval",
+    "peak_tflops",
+)
 CHANGEABLE = ("data_dir", "max_iters", "eval_interval", "eval_iters", "log_interval", "peak_tflops")
 LOCK = ".lock"  # in OUT_DIR: held by the run writing it (`holding`)
 
 
 def parse_args(argv=None):
     p = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("--config", default="toy",
-                   help=f"model shape: a preset ({', '.join(sorted(PRESETS))}) or a JSON file of OrionConfig fields; "
-                        "vocab_size is replaced by the tokenizer's (see --vocab-size)")
-    p.add_argument("--data", default=None,
-                   help="UTF-8 text file or folder of them (default: the Python standard library's sources)")
+    p.add_argument(
+        "--config",
+        default="toy",
+        help=f"model shape: a preset ({', '.join(sorted(PRESETS))}) or a JSON file of OrionConfig fields; "
+        "vocab_size is replaced by the tokenizer's (see --vocab-size)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="UTF-8 text file or folder of them (default: the Python standard library's sources)",
+    )
     p.add_argument("--data-dir", default="data", help="where prepared tokenizers and uint32 token files are cached")
-    p.add_argument("--vocab-size", type=int, default=4096,
-                   help="tokenizer pieces to train (capped for small corpora); the model's vocab_size is the "
-                        "tokenizer's piece count rounded up to a multiple of 64")
-    p.add_argument("--out-dir", default="out", help="checkpoint folder, also holding log.jsonl; a new run refuses "
-                   "one that holds another run's checkpoint or log (see --resume, --overwrite)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=4096,
+        help="tokenizer pieces to train (capped for small corpora); the model's vocab_size is the "
+        "tokenizer's piece count rounded up to a multiple of 64",
+    )
+    p.add_argument(
+        "--out-dir",
+        default="out",
+        help="checkpoint folder, also holding log.jsonl; a new run refuses "
+        "one that holds another run's checkpoint or log (see --resume, --overwrite)",
+    )
     p.add_argument("--max-iters", type=int, default=500, help="optimizer steps to train for")
-    p.add_argument("--lr-decay-iters", type=int, default=None,
-                   help="step at which the cosine reaches 10%% of --lr (default: --max-iters); set it beyond "
-                        "--max-iters to stop early and extend the run later with --resume")
+    p.add_argument(
+        "--lr-decay-iters",
+        type=int,
+        default=None,
+        help="step at which the cosine reaches 10%% of --lr (default: --max-iters); set it beyond "
+        "--max-iters to stop early and extend the run later with --resume",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch per process")
     p.add_argument("--block-size", type=int, default=128, help="tokens per sequence, at most the model's max_seq_len")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--warmup-iters", type=int, default=50, help="steps of linear warm-up")
     p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the 2-D and 3-D weights")
-    p.add_argument("--eval-interval", type=int, default=100,
-                   help="steps between validation, a text sample and a checkpoint, which also end the run")
+    p.add_argument(
+        "--eval-interval",
+        type=int,
+        default=100,
+        help="steps between validation, a text sample and a checkpoint, which also end the run",
+    )
     p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation")
     p.add_argument("--log-interval", type=int, default=10, help="steps between log.jsonl lines")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out-dir from its checkpoint, with its saved settings; of the flags "
-                        "that define a run, only --max-iters, --eval-interval, --eval-iters, --log-interval, "
-                        "--data-dir and --peak-tflops may be changed")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in --out-dir, deleting the checkpoint and log.jsonl of the run there")
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda (the first GPU; under torchrun, each process's LOCAL_RANK GPU), cuda:N, or auto: "
-                        "cuda if a GPU is visible, else cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype (weights and optimizer stay float32); auto: bfloat16 on GPUs that support it")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out-dir from its checkpoint, with its saved settings; of the flags "
+        "that define a run, only --max-iters, --eval-interval, --eval-iters, --log-interval, "
+        "--data-dir and --peak-tflops may be changed",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in --out-dir, deleting the checkpoint and log.jsonl of the run there",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda (the first GPU; under torchrun, each process's LOCAL_RANK GPU), cuda:N, or auto: "
+        "cuda if a GPU is visible, else cpu",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="autocast dtype (weights and optimizer stay float32); auto: bfloat16 on GPUs that support it",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the initial weights and the data order")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the forward pass and the losses (the backward follows); slow first steps")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard weights, gradients and optimizer "
-                   "state across processes with FSDP2 (fully_shard) instead of replicating them with DDP")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's peak TFLOP/s, for MFU (default: the spec sheet's dense bf16 peak for known "
-                        "GPUs; elsewhere no MFU is shown without it)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the forward pass and the losses (the backward follows); slow first steps",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun, shard weights, gradients and optimizer "
+        "state across processes with FSDP2 (fully_shard) instead of replicating them with DDP",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's peak TFLOP/s, for MFU (default: the spec sheet's dense bf16 peak for known "
+        "GPUs; elsewhere no MFU is shown without it)",
+    )
     p.add_argument("--threads", type=int, default=default_threads(), help=THREADS_HELP)
     unset = object()  # which flags the command line gives: argparse fills in only the attributes a namespace lacks
-    given = {name for name, value in vars(p.parse_args(argv, argparse.Namespace(
-        **{name: unset for name in vars(p.parse_args([]))}))).items() if value is not unset}
+    given = {
+        name
+        for name, value in vars(
+            p.parse_args(argv, argparse.Namespace(**{name: unset for name in vars(p.parse_args([]))}))
+        ).items()
+        if value is not unset
+    }
     args = p.parse_args(argv)
-    for name in ("max_iters", "batch_size", "block_size", "grad_accum", "eval_interval", "eval_iters", "log_interval",
-                 "threads"):
+    for name in (
+        "max_iters",
+        "batch_size",
+        "block_size",
+        "grad_accum",
+        "eval_interval",
+        "eval_iters",
+        "log_interval",
+        "threads",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -132,13 +219,17 @@ def parse_args(argv=None):
         p.error(f"--config {args.config}: neither a preset ({', '.join(sorted(PRESETS))}) nor a JSON file")
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.fsdp and world == 1:
-        p.error("--fsdp shards across processes, and this is one; start it with torchrun --nproc_per_node N, "
-                "or leave out --fsdp")
+        p.error(
+            "--fsdp shards across processes, and this is one; start it with torchrun --nproc_per_node N, "
+            "or leave out --fsdp"
+        )
     if args.warmup_iters < 0:
         p.error(f"--warmup-iters must be at least 0, got {args.warmup_iters}")
     if args.lr_decay_iters is not None and args.lr_decay_iters < args.warmup_iters:
-        p.error(f"--lr-decay-iters {args.lr_decay_iters} is below --warmup-iters {args.warmup_iters}: the cosine would "
-                "end before the warm-up does; give it at least the warm-up's length (default: --max-iters)")
+        p.error(
+            f"--lr-decay-iters {args.lr_decay_iters} is below --warmup-iters {args.warmup_iters}: the cosine would "
+            "end before the warm-up does; give it at least the warm-up's length (default: --max-iters)"
+        )
     try:  # "cpu" or "cuda:N" from here on: with several processes, N is the process's LOCAL_RANK
         args.device = str(resolve_device(args.device, int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else None))
     except ValueError as e:
@@ -220,7 +311,9 @@ def setup_process(args) -> Process:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     dtype = args.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
@@ -260,14 +353,22 @@ def save_checkpoint(out_dir: Path, model, optimizer, tokenizer_file: Path, train
     """The weights, tokenizer and train_state.pt (optimizer, step, RNG states, the run's settings)
     as one checkpoint in OUT_DIR, replacing the one there in one step (nano_orion.save)."""
     # Every rank takes part in gathering the full (unsharded) state; rank 0 writes it.
-    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if rank != 0:
         return
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    nano_orion.save(model, out_dir, MAX_SHARD_BYTES, state_dict=model_state, tokenizer=tokenizer_file,
-                    extra={"train_state.pt": {**train_state, "optimizer": optim_state, "rng": rng}})
+    nano_orion.save(
+        model,
+        out_dir,
+        MAX_SHARD_BYTES,
+        state_dict=model_state,
+        tokenizer=tokenizer_file,
+        extra={"train_state.pt": {**train_state, "optimizer": optim_state, "rng": rng}},
+    )
 
 
 def read_train_state(out_dir: Path) -> dict:
@@ -278,15 +379,22 @@ def read_train_state(out_dir: Path) -> dict:
     try:
         return torch.load(path, weights_only=True, mmap=True)
     except Exception as e:  # a truncated or foreign file fails in torch's zip reader or unpickler, variously
-        raise CheckpointError(f"{path} is truncated or corrupt ({first_line(e)}); resume from an earlier copy of "
-                              f"{out_dir}, or start over with --overwrite") from None
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({first_line(e)}); resume from an earlier copy of "
+            f"{out_dir}, or start over with --overwrite"
+        ) from None
 
 
 def load_checkpoint(out_dir: Path, state: dict, model, optimizer) -> None:
     """Put OUT_DIR's weights, and `state`'s optimizer and RNG states (its train_state.pt), in place."""
     model_state = dict(read_nano(out_dir)[1])  # one model.safetensors or shards, whichever save wrote
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -318,8 +426,10 @@ def prepare_data(data, data_dir, vocab_size: int, block_size: int, proc: Process
     except DataError as e:
         raise UsageError(str(e)) from None
     except OSError as e:  # not a folder, read-only (when the data is not prepared there yet), full
-        raise UsageError(f"--data-dir {data_dir}: cannot write the prepared data there ({e.strerror or e}); "
-                         "choose another --data-dir") from None
+        raise UsageError(
+            f"--data-dir {data_dir}: cannot write the prepared data there ({e.strerror or e}); "
+            "choose another --data-dir"
+        ) from None
     if proc.world > 1:
         shared = [folder]
         dist.broadcast_object_list(shared)
@@ -369,8 +479,11 @@ def build_model(config: OrionConfig, proc: Process, fsdp: bool) -> Orion:
     register_fsdp_forward_method(model, "loss")  # the loss, too, gathers the weights outside the blocks
     model.to_empty(device=proc.device)
     model.init_rope(proc.device)
-    set_model_state_dict(model, Orion(config).state_dict() if proc.master else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(
+        model,
+        Orion(config).state_dict() if proc.master else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
     return model
 
 
@@ -387,18 +500,26 @@ def resume_settings(args, given: set, saved: dict, step: int) -> list[str]:
         if name not in given or value == saved[name]:
             setattr(args, name, saved[name])
         elif name not in CHANGEABLE:
-            raise UsageError(f"--resume: {flag} {value} differs from the run's {saved[name]}, and a resumed run keeps its "
-                         f"data, model and schedule; leave out {flag}, or start a new run (--overwrite, or another --out-dir)")
+            raise UsageError(
+                f"--resume: {flag} {value} differs from the run's {saved[name]}, and a resumed run keeps its "
+                f"data, model and schedule; leave out {flag}, or start a new run (--overwrite, or another --out-dir)"
+            )
         elif name == "max_iters" and value > args.lr_decay_iters:
-            notes.append(f"--resume: {flag} {value} (the run had {saved[name]}): the learning rate's cosine ends at step "
-                         f"{args.lr_decay_iters} (--lr-decay-iters), so the steps after it run at its floor, 10% of --lr "
-                         "(to decay over a longer run, give --lr-decay-iters its final length when starting it)")
+            notes.append(
+                f"--resume: {flag} {value} (the run had {saved[name]}): the learning rate's cosine ends at step "
+                f"{args.lr_decay_iters} (--lr-decay-iters), so the steps after it run at its floor, 10% of --lr "
+                "(to decay over a longer run, give --lr-decay-iters its final length when starting it)"
+            )
         else:
-            notes.append(f"--resume: {flag} {value} (the run had {saved[name]})" +
-                         ("; the learning-rate schedule is unchanged" if name == "max_iters" else ""))
+            notes.append(
+                f"--resume: {flag} {value} (the run had {saved[name]})"
+                + ("; the learning-rate schedule is unchanged" if name == "max_iters" else "")
+            )
     if step >= args.max_iters:
-        raise UsageError(f"--resume: the run in {args.out_dir} already reached step {step} of --max-iters {args.max_iters}; "
-                     "pass a larger --max-iters to train on")
+        raise UsageError(
+            f"--resume: the run in {args.out_dir} already reached step {step} of --max-iters {args.max_iters}; "
+            "pass a larger --max-iters to train on"
+        )
     return notes
 
 
@@ -428,8 +549,10 @@ def holding(out_dir: Path):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 100, 0).decode(errors="replace").strip() or "another process"
-            raise UsageError(f"--out-dir {out_dir} is in use by a running train.py ({holder}); wait for it to end, "
-                         "or choose another --out-dir")
+            raise UsageError(
+                f"--out-dir {out_dir} is in use by a running train.py ({holder}); wait for it to end, "
+                "or choose another --out-dir"
+            )
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {HOST}\n".encode(), 0)
         yield
@@ -446,8 +569,10 @@ def fresh_start(out_dir: Path, overwrite: bool, say) -> None:
     parts = (("a checkpoint", any(name != "log.jsonl" for name in found)), ("log.jsonl", "log.jsonl" in found))
     what = " and ".join(part for part, there in parts if there)
     if not overwrite:
-        raise UsageError(f"--out-dir {out_dir} holds {what} of another run; continue it with --resume, start over with "
-                     "--overwrite (deletes them), or choose another --out-dir")
+        raise UsageError(
+            f"--out-dir {out_dir} holds {what} of another run; continue it with --resume, start over with "
+            "--overwrite (deletes them), or choose another --out-dir"
+        )
     for name in found:
         (out_dir / name).unlink()
     say(f"--overwrite: deleted {what} of the run in {out_dir}")
@@ -521,8 +646,17 @@ class Meter:
         mfu = tok_s * self.flops_per_token / self.proc.world / self.peak if self.peak else None
         (loss, aux_loss), expert_load = stats.tolist(), (counts / counts.sum(-1, keepdim=True)).tolist()
         self.counts, self.tokens, self.t0 = 0, tokens, time.perf_counter()
-        return {"kind": "train", "step": step, "tokens": tokens, "loss": loss, "aux_loss": aux_loss, "lr": lr,
-                "tokens_per_s": tok_s, "mfu": mfu, "expert_load": expert_load}
+        return {
+            "kind": "train",
+            "step": step,
+            "tokens": tokens,
+            "loss": loss,
+            "aux_loss": aux_loss,
+            "lr": lr,
+            "tokens_per_s": tok_s,
+            "mfu": mfu,
+            "expert_load": expert_load,
+        }
 
 
 def log_line(log_file: Path, proc: Process, record: dict) -> None:
@@ -558,13 +692,14 @@ def sample_text(model, tokenizer, prompt_ids, device, n_tokens: int = 96) -> str
     g = torch.Generator(device).manual_seed(0)
     idx = torch.tensor([prompt_ids], device=device)
     out = nano_orion.generate(model, idx, n_tokens, SamplingConfig(temperature=0.8), generator=g)
-    return tokenizer.decode(prompt_ids) + "|>" + tokenizer.decode(out[0, len(prompt_ids):].tolist())
+    return tokenizer.decode(prompt_ids) + "|>" + tokenizer.decode(out[0, len(prompt_ids) :].tolist())
 
 
 def expert_load_text(expert_load) -> str:
     """Each layer's share of routed slots per expert, in percent, one line a layer."""
     return "  expert load (% of routed slots), layer by layer:\n" + "\n".join(
-        f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load))
+        f"    {i}: " + " ".join(f"{100 * s:4.1f}" for s in row) for i, row in enumerate(expert_load)
+    )
 
 
 def save(raw_model, optimizer, tokenizer_file: Path, train_state: dict, out_dir: Path, proc: Process, say) -> None:
@@ -624,27 +759,37 @@ def train(args, given: set, proc: Process):
         fresh_start(out_dir, args.overwrite, say)
 
     # Data: the tokenizer and the token files (uint32, memory-mapped).
-    data_dir, train_tokens, val_tokens = prepare_data(args.data, args.data_dir, args.vocab_size, args.block_size, proc, say)
+    data_dir, train_tokens, val_tokens = prepare_data(
+        args.data, args.data_dir, args.vocab_size, args.block_size, proc, say
+    )
     tokenizer_file = data_dir / "tokenizer.model"
     tokenizer = Tokenizer(tokenizer_file)
     if args.resume and (out_dir / "tokenizer.model").read_bytes() != tokenizer_file.read_bytes():
-        raise UsageError(f"--resume: the checkpoint in {out_dir} has another tokenizer than --data {args.data} gives "
-                         "(the text changed?); resume with the run's text, or start a new run")
+        raise UsageError(
+            f"--resume: the checkpoint in {out_dir} has another tokenizer than --data {args.data} gives "
+            "(the text changed?); resume with the run's text, or start a new run"
+        )
 
     # Model: raw_model is the Orion itself (sampled from, checkpointed); model what runs the steps.
     if not args.resume:
         config = model_config(args.config, tokenizer.n_pieces, args.block_size)
     torch.manual_seed(args.seed)
     raw_model = build_model(config, proc, args.fsdp)
-    # Every parameter gets a gradient each step (an expert without tokens a zero one): DDP need not look for unused ones.
+    # Every parameter gets a gradient each step (an expert without tokens a zero one): DDP need
+    # not look for unused ones.
     model = NextTokenLoss(raw_model)
     if proc.world > 1 and not args.fsdp:
         model = DDP(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
     loss_fn = torch.compile(losses) if args.compile else losses
 
     # Optimizer, and where to start: step 0, or --out-dir's checkpoint.
-    optimizer = torch.optim.AdamW(param_groups(raw_model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                                  fused=proc.device.type in ("cpu", "cuda"))
+    optimizer = torch.optim.AdamW(
+        param_groups(raw_model, args.weight_decay),
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=proc.device.type in ("cpu", "cuda"),
+    )
     step, tokens, saved_step = 0, 0, None
     if args.resume:
         try:
@@ -660,22 +805,34 @@ def train(args, given: set, proc: Process):
 
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * proc.world
     peak, peak_source = peak_flops(proc.device, args.peak_tflops)
-    say(f"{args.config}: {config.n_params() / 1e6:.2f} M parameters, {config.n_active_params() / 1e6:.2f} M active "
+    say(
+        f"{args.config}: {config.n_params() / 1e6:.2f} M parameters, {config.n_active_params() / 1e6:.2f} M active "
         f"per token, vocab {config.vocab_size}; {proc.world} process(es) on {proc.device}, "
         f"{proc.amp_dtype or torch.float32}, {args.threads} thread(s); {tokens_per_step:,} tokens per step; "
-        + (f"MFU relative to {peak_source}" if peak else peak_source))
+        + (f"MFU relative to {peak_source}" if peak else peak_source)
+    )
 
     def batch(step, micro, n_micro):  # a step's micro-batch: a pure function of (seed, step, micro)
         return get_batch(train_tokens, args.batch_size, args.block_size, args.seed, step, micro=micro, n_micro=n_micro)
 
     def checkpoint():
-        save(raw_model, optimizer, tokenizer_file, {"step": step, "tokens": tokens, "args": vars(args)}, out_dir, proc, say)
+        save(
+            raw_model,
+            optimizer,
+            tokenizer_file,
+            {"step": step, "tokens": tokens, "args": vars(args)},
+            out_dir,
+            proc,
+            say,
+        )
 
     # The loop: a step; every --log-interval a log line; every --eval-interval an evaluation and a
     # checkpoint. Ctrl-C ends it after the step it lands in (a single process: under torchrun the
     # processes would not agree on which step), and that step is saved.
     # disable=None: a bar only on a terminal, not in logs
-    bar = tqdm(total=args.max_iters, initial=step, disable=None if proc.master else True, dynamic_ncols=True, desc="train")
+    bar = tqdm(
+        total=args.max_iters, initial=step, disable=None if proc.master else True, dynamic_ncols=True, desc="train"
+    )
     meter = Meter(tokens, config.n_active_params(), peak, proc)
     expert_load = [[1 / config.n_experts] * config.n_experts] * config.n_layers
     with bar, deferred_interrupt() if proc.world == 1 else contextlib.nullcontext(threading.Event()) as interrupted:
@@ -692,11 +849,16 @@ def train(args, given: set, proc: Process):
                 record = meter.record(step, tokens, lr)
                 expert_load = record["expert_load"]
                 log_line(log_file, proc, record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                                **({"mfu": f"{100 * record['mfu']:.1f}%"} if peak else {}))
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    tok_s=f"{record['tokens_per_s']:,.0f}",
+                    **({"mfu": f"{100 * record['mfu']:.1f}%"} if peak else {}),
+                )
             if step % args.eval_interval == 0 or step == args.max_iters:
                 with meter.paused():
-                    val_loss = evaluate(model, val_tokens, args.batch_size, args.block_size, args.eval_iters, args.seed, proc)
+                    val_loss = evaluate(
+                        model, val_tokens, args.batch_size, args.block_size, args.eval_iters, args.seed, proc
+                    )
                     log_line(log_file, proc, {"kind": "eval", "step": step, "val_loss": val_loss})
                     say(f"step {step}: val loss {val_loss:.4f}")
                     if not args.fsdp:  # generating token by token would gather every layer each token
@@ -710,7 +872,10 @@ def train(args, given: set, proc: Process):
             saved_step = step
     if interrupted.is_set():
         where = f"saved step {saved_step} in {out_dir}" if saved_step is not None else "nothing to save yet"
-        fail(f"train.py: interrupted at step {step}; {where}; to continue: python train.py --resume --out-dir {out_dir}", 130)
+        fail(
+            f"train.py: interrupted at step {step}; {where}; to continue: python train.py --resume --out-dir {out_dir}",
+            130,
+        )
     if proc.world > 1:
         dist.barrier()  # rank 0 may still be saving: tear the process group down together
         dist.destroy_process_group()

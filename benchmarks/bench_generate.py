@@ -15,6 +15,7 @@ import platform
 import time
 
 import torch
+
 import nano_orion
 from nano_orion import Orion, OrionConfig
 from nano_orion.cli import ArgumentParser, HelpFormatter
@@ -31,8 +32,16 @@ from nano_orion.sampler import compile_decode_step
 CONFIGS = {
     "toy": OrionConfig.preset("toy", norm_type="rmsnorm"),
     "orion-67m": OrionConfig(
-        vocab_size=16000, dim=256, n_layers=12, n_heads=8, n_kv_heads=2, ffn_dim=768,
-        n_experts=8, top_k=2, norm_type="rmsnorm", max_seq_len=1024,
+        vocab_size=16000,
+        dim=256,
+        n_layers=12,
+        n_heads=8,
+        n_kv_heads=2,
+        ffn_dim=768,
+        n_experts=8,
+        top_k=2,
+        norm_type="rmsnorm",
+        max_seq_len=1024,
     ),
 }
 
@@ -51,17 +60,32 @@ def best_times(fns: dict, repeats: int) -> dict:
 
 def main():
     parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), action="append",
-                        help="model shape; repeatable (default: all of them, one after another)")
+    parser.add_argument(
+        "--config",
+        choices=sorted(CONFIGS),
+        action="append",
+        help="model shape; repeatable (default: all of them, one after another)",
+    )
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decode measurement")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length for the decode measurements")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per timing; the best is kept")
-    parser.add_argument("--compile", action="store_true", help="also time a torch.compile'd decode step (adds a minute or two of compiling)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads (default: torch's choice, %(default)s here)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time a torch.compile'd decode step (adds a minute or two of compiling)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="torch CPU threads (default: torch's choice, %(default)s here)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} with {torch.get_num_threads()} threads, float32")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads, float32"
+    )
     for name in args.config or CONFIGS:
         run(name, CONFIGS[name], args)
 
@@ -73,14 +97,19 @@ def run(name: str, c: OrionConfig, args):
     hf.generation_config.eos_token_id = None  # never stop early: both generate exactly N tokens
     N = args.new_tokens
     print(f"\n== {name}: {c}")
-    print(f"parameters: {c.n_params() / 1e6:.1f} M ({c.n_params() * 4 / 1e6:.0f} MB), active per token {c.n_active_params() / 1e6:.1f} M")
+    print(
+        f"parameters: {c.n_params() / 1e6:.1f} M ({c.n_params() * 4 / 1e6:.0f} MB), active per token "
+        f"{c.n_active_params() / 1e6:.1f} M"
+    )
 
     def nano(idx, n):
         return nano_orion.generate(model, idx, n)
 
     @torch.inference_mode()
     def hf_gen(idx, n):
-        return hf.generate(idx, max_new_tokens=n, min_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(idx))
+        return hf.generate(
+            idx, max_new_tokens=n, min_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(idx)
+        )
 
     prompt = torch.randint(3, c.vocab_size, (1, args.prompt_tokens))
     same = torch.equal(nano(prompt, 16), hf_gen(prompt, 16))
@@ -90,10 +119,15 @@ def run(name: str, c: OrionConfig, args):
     for batch in (1, 8):
         idx = prompt.expand(batch, -1).contiguous()
         nano(idx, 2), hf_gen(idx, 2)  # warm up
-        t = best_times({
-            "nano N": lambda: nano(idx, N), "hf N": lambda: hf_gen(idx, N),
-            "nano 1": lambda: nano(idx, 1), "hf 1": lambda: hf_gen(idx, 1),
-        }, args.repeats)
+        t = best_times(
+            {
+                "nano N": lambda: nano(idx, N),
+                "hf N": lambda: hf_gen(idx, N),
+                "nano 1": lambda: nano(idx, 1),
+                "hf 1": lambda: hf_gen(idx, 1),
+            },
+            args.repeats,
+        )
         ours, theirs = (batch * (N - 1) / (t[f"{name} N"] - t[f"{name} 1"]) for name in ("nano", "hf"))
         rows.append((f"decode batch {batch} (tok/s)", ours, theirs, ours / theirs))
 
@@ -106,10 +140,15 @@ def run(name: str, c: OrionConfig, args):
             return nano_orion.generate(model, idx, n, decode_step=compiled)
 
         assert torch.equal(nano_compiled(prompt, 16), nano(prompt, 16)), "compiled decode differs from eager"
-        t = best_times({
-            "nano N": lambda: nano_compiled(prompt, N), "hf N": lambda: hf_gen(prompt, N),
-            "nano 1": lambda: nano_compiled(prompt, 1), "hf 1": lambda: hf_gen(prompt, 1),
-        }, args.repeats)
+        t = best_times(
+            {
+                "nano N": lambda: nano_compiled(prompt, N),
+                "hf N": lambda: hf_gen(prompt, N),
+                "nano 1": lambda: nano_compiled(prompt, 1),
+                "hf 1": lambda: hf_gen(prompt, 1),
+            },
+            args.repeats,
+        )
         ours, theirs = ((N - 1) / (t[f"{name} N"] - t[f"{name} 1"]) for name in ("nano", "hf"))
         rows.append(("decode batch 1, compiled", ours, theirs, ours / theirs))
 

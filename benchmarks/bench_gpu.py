@@ -39,10 +39,14 @@ from nano_orion.sampler import compile_decode_step, decode_step_of, decoding_cac
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
+    )
     p.add_argument("--device", default="cuda", help="the GPU; cpu for a smoke run of this script")
     p.add_argument("--config", default="orion-moe-8x7b", choices=sorted(PRESETS), help="model shape")
-    p.add_argument("--layers", type=int, default=None, help="layers of the int8 and full-depth bf16 models (default: the config's)")
+    p.add_argument(
+        "--layers", type=int, default=None, help="layers of the int8 and full-depth bf16 models (default: the config's)"
+    )
     p.add_argument("--hf-layers", type=int, default=8, help="layers of the bf16 model raced against transformers")
     p.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for time to first token and decoding")
     p.add_argument("--long", type=int, nargs="*", default=[4096, 8192], help="longer prompts to decode after")
@@ -56,17 +60,26 @@ def main(argv=None):
     # A long prompt plus the generated tokens must fit the context: "8192" is 8192 - new tokens.
     longest = config.max_seq_len - args.new_tokens
     if any(length > longest for length in args.long):
-        print(f"note: --long prompts cut to {longest} tokens, so that {args.new_tokens} new tokens still fit {config.max_seq_len}")
+        print(
+            f"note: --long prompts cut to {longest} tokens, so that {args.new_tokens} new tokens still fit "
+            f"{config.max_seq_len}"
+        )
         args.long = [min(length, longest) for length in args.long]
     bandwidth = gemv_bandwidth(device)
     print(f"device: {name}; torch {torch.__version__}; bf16 GEMV reads {bandwidth / 1e12:.2f} TB/s (measured)")
-    print(f"model: {args.config}, {config.n_layers} layers, batch 1, greedy; decode = (N - 2) / (time of N tokens - time of 2), "
-          f"N = {args.new_tokens}, so that neither the prefill nor the first step (which records a CUDA graph) counts")
+    print(
+        f"model: {args.config}, {config.n_layers} layers, batch 1, greedy; decode = (N - 2) / (time of N tokens - "
+        "time of 2), "
+        f"N = {args.new_tokens}, so that neither the prefill nor the first step (which records a CUDA graph) counts"
+    )
     rows = [bench(config, True, args, bandwidth)]
     if fits(config, torch.bfloat16, device):
         rows.append(bench(config, False, args, bandwidth))
     else:
-        print(f"\nbf16 with {config.n_layers} layers needs {gb(weight_bytes(config, torch.bfloat16))}: more than this device has")
+        print(
+            f"\nbf16 with {config.n_layers} layers needs {gb(weight_bytes(config, torch.bfloat16))}: more than this "
+            "device has"
+        )
     rows.append(bench(replace(config, n_layers=args.hf_layers), False, args, bandwidth, with_transformers=True))
     print_table(rows, args)
     failures = [f"{row['label']}: {what}" for row in rows for what in row.get("failed", [])]
@@ -78,7 +91,9 @@ def main(argv=None):
 def bench(config: OrionConfig, quantize: bool, args, bandwidth: float, with_transformers: bool = False) -> dict:
     """Build a model, measure it, and let its memory go before the next."""
     row = {"label": f"{'int8' if quantize else 'bf16'}, {config.n_layers} layers"}
-    model = attempt(row, "building the model", lambda: build_random(config, torch.device(args.device), torch.bfloat16, quantize))
+    model = attempt(
+        row, "building the model", lambda: build_random(config, torch.device(args.device), torch.bfloat16, quantize)
+    )
     if model is not None:
         measure(row, model, args, bandwidth, with_transformers)
         del model
@@ -144,7 +159,11 @@ def bytes_per_token(model: Orion) -> int:
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if name.startswith(("embed", "rope")):
             continue
-        share = c.top_k / c.n_experts if name.split(".")[-1] in ("w1", "w2", "w3", "scale_w1", "scale_w2", "scale_w3") else 1
+        share = (
+            c.top_k / c.n_experts
+            if name.split(".")[-1] in ("w1", "w2", "w3", "scale_w1", "scale_w2", "scale_w3")
+            else 1
+        )
         total += int(t.numel() * t.element_size() * share)
     return total
 
@@ -198,7 +217,7 @@ def stepwise_logits(model, ids, prompt_len: int, decode_step) -> torch.Tensor:
     for t in range(prompt_len, ids.shape[1]):
         # A contiguous (1, 1) id, as generation feeds the step: a slice of ids keeps its row
         # stride, and the step, compiled for contiguous ids, would compile a second graph.
-        next_id = ids[:, t:t + 1].clone(memory_format=torch.contiguous_format)
+        next_id = ids[:, t : t + 1].clone(memory_format=torch.contiguous_format)
         logits.append(decode_step(next_id, cache, pos, None)[:, -1].clone())  # clone: a CUDA graph reuses its output
         pos += 1
     return torch.cat(logits)
@@ -211,8 +230,10 @@ def measure(row: dict, model: Orion, args, bandwidth: float, with_transformers: 
     prompt = torch.randint(3, c.vocab_size, (1, args.prompt_tokens), generator=g).to(device)
     read = bytes_per_token(model)
     row.update({"GB/token": read / 1e9, "ceiling": bandwidth / read})
-    print(f"\n{row['label']}: {gb(sum(t.numel() * t.element_size() for t in model.state_dict().values()))} of weights, "
-          f"{row['GB/token']:.2f} GB read per token: ceiling {row['ceiling']:.0f} tok/s")
+    print(
+        f"\n{row['label']}: {gb(sum(t.numel() * t.element_size() for t in model.state_dict().values()))} of weights, "
+        f"{row['GB/token']:.2f} GB read per token: ceiling {row['ceiling']:.0f} tok/s"
+    )
     attempt(row, "eager", lambda: measure_eager(row, model, prompt, args))
     if not args.no_compile:
         attempt(row, "compiled", lambda: measure_compiled(row, model, prompt, args, g))
@@ -256,9 +277,11 @@ def measure_compiled(row: dict, model: Orion, prompt, args, g: torch.Generator) 
     eager_logits, compiled_logits = (stepwise_logits(model, eager_ids, 32, s) for s in (decode_step_of(model), step))
     per_step = (compiled_logits - eager_logits).abs().amax(dim=-1) / eager_logits.std()
     row["dlogit"] = per_step.median().item()
-    print(f"  compiled decode {row['compiled']:.1f} tok/s (compiling took {row['compile s']:.0f} s); "
-          f"compiled greedy tokens equal eager: {row['same tokens']}; logit difference along them, in logit "
-          f"standard deviations: {row['dlogit']:.3f} in the median step, {per_step.max().item():.3f} at most")
+    print(
+        f"  compiled decode {row['compiled']:.1f} tok/s (compiling took {row['compile s']:.0f} s); "
+        f"compiled greedy tokens equal eager: {row['same tokens']}; logit difference along them, in logit "
+        f"standard deviations: {row['dlogit']:.3f} in the median step, {per_step.max().item():.3f} at most"
+    )
     for length in args.long:
         long_prompt = torch.randint(3, model.config.vocab_size, (1, length), generator=g).to(device)
         attempt(row, f"decoding after {length} tokens", lambda: measure_after(row, model, long_prompt, step, n))
@@ -266,7 +289,9 @@ def measure_compiled(row: dict, model: Orion, prompt, args, g: torch.Generator) 
 
 def measure_after(row: dict, model: Orion, long_prompt, step, n: int) -> None:
     length = long_prompt.shape[1]
-    row[f"after {length}"] = decode_rate(lambda k: generate(model, long_prompt, k, decode_step=step), n, long_prompt.device)
+    row[f"after {length}"] = decode_rate(
+        lambda k: generate(model, long_prompt, k, decode_step=step), n, long_prompt.device
+    )
     print(f"  compiled decode after a {length}-token prompt: {row[f'after {length}']:.1f} tok/s")
 
 
@@ -276,7 +301,9 @@ def measure_transformers(row: dict, model: Orion, prompt, args) -> None:
 
     @torch.inference_mode()
     def hf_generate(k):
-        return hf.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, attention_mask=torch.ones_like(prompt))
+        return hf.generate(
+            prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, attention_mask=torch.ones_like(prompt)
+        )
 
     hf_generate(2)
     row["transformers"] = decode_rate(hf_generate, args.new_tokens, prompt.device)
@@ -284,13 +311,20 @@ def measure_transformers(row: dict, model: Orion, prompt, args) -> None:
 
 
 def print_table(rows: list[dict], args) -> None:
-    columns = [("GB/token", "GB read/token", "{:.2f}"), ("ceiling", "ceiling tok/s", "{:.0f}"), ("eager", "eager tok/s", "{:.1f}"),
-               ("compiled", "compiled tok/s", "{:.1f}"), ("share", "% of ceiling", "{:.0%}"),
-               ("ttft", f"TTFT {args.prompt_tokens} (s)", "{:.3f}"),
-               *[(f"after {n}", f"tok/s after {n}", "{:.1f}") for n in args.long],
-               ("compile s", "compile (s)", "{:.0f}"), ("same tokens", "compiled = eager", "{}"),
-               ("dlogit", "median step's max |Δlogit| / std", "{:.3f}"),
-               ("transformers", "transformers eager tok/s", "{:.1f}"), ("speed-up", "compiled / transformers", "{:.2f}x")]
+    columns = [
+        ("GB/token", "GB read/token", "{:.2f}"),
+        ("ceiling", "ceiling tok/s", "{:.0f}"),
+        ("eager", "eager tok/s", "{:.1f}"),
+        ("compiled", "compiled tok/s", "{:.1f}"),
+        ("share", "% of ceiling", "{:.0%}"),
+        ("ttft", f"TTFT {args.prompt_tokens} (s)", "{:.3f}"),
+        *[(f"after {n}", f"tok/s after {n}", "{:.1f}") for n in args.long],
+        ("compile s", "compile (s)", "{:.0f}"),
+        ("same tokens", "compiled = eager", "{}"),
+        ("dlogit", "median step's max |Δlogit| / std", "{:.3f}"),
+        ("transformers", "transformers eager tok/s", "{:.1f}"),
+        ("speed-up", "compiled / transformers", "{:.2f}x"),
+    ]
     for row in rows:
         if "compiled" in row:
             row["share"] = row["compiled"] / row["ceiling"]
@@ -299,7 +333,9 @@ def print_table(rows: list[dict], args) -> None:
     print("\n| model | " + " | ".join(title for _, title, _ in columns) + " |")
     print("| --- |" + " ---: |" * len(columns))
     for row in rows:
-        print(f"| {row['label']} | " + " | ".join(fmt.format(row[k]) if k in row else "" for k, _, fmt in columns) + " |")
+        print(
+            f"| {row['label']} | " + " | ".join(fmt.format(row[k]) if k in row else "" for k, _, fmt in columns) + " |"
+        )
 
 
 if __name__ == "__main__":

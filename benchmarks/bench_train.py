@@ -42,8 +42,17 @@ from nano_orion.loss import cross_entropy
 CONFIGS = {
     "toy": OrionConfig.preset("toy"),
     # An Orion-shaped MoE of 583 M parameters (164 M active per token), sized for one GPU.
-    "orion-583m": OrionConfig(vocab_size=4096, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, ffn_dim=2816,
-                              n_experts=8, top_k=2, max_seq_len=2048),
+    "orion-583m": OrionConfig(
+        vocab_size=4096,
+        dim=1024,
+        n_layers=8,
+        n_heads=16,
+        n_kv_heads=4,
+        ffn_dim=2816,
+        n_experts=8,
+        top_k=2,
+        max_seq_len=2048,
+    ),
 }
 
 
@@ -59,7 +68,9 @@ def transformers_twin(nano: Orion, bf16_autocast: bool):
 
 
 def main(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1]
+    )
     p.add_argument("--config", default="toy", choices=sorted(CONFIGS), help="model shape")
     p.add_argument("--device", default="cpu", help="cpu, in float32, or cuda, under bf16 autocast")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per step")
@@ -76,8 +87,10 @@ def main(argv=None):
     hf = transformers_twin(nano, bf16_autocast=on_gpu)
     nano = train.NextTokenLoss(nano)  # as train.py runs it
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1), generator=g).to(device)
-               for _ in range(args.steps + 2)]
+    batches = [
+        torch.randint(0, config.vocab_size, (args.batch_size, args.block_size + 1), generator=g).to(device)
+        for _ in range(args.steps + 2)
+    ]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu)
 
     def nano_loss(model, batch):
@@ -111,8 +124,11 @@ def main(argv=None):
 
     tokens = args.batch_size * args.block_size
     precision = "bf16 autocast (transformers: eager experts, see transformers_twin)" if on_gpu else "float32"
-    print(f"config {args.config} ({config.n_params() / 1e6:.1f} M parameters, {config.n_active_params() / 1e6:.1f} M active), "
-          f"batch {args.batch_size} x {args.block_size} tokens, {precision}, {args.steps} timed steps each")
+    print(
+        f"config {args.config} ({config.n_params() / 1e6:.1f} M parameters, {config.n_active_params() / 1e6:.1f} M "
+        "active), "
+        f"batch {args.batch_size} x {args.block_size} tokens, {precision}, {args.steps} timed steps each"
+    )
     if on_gpu:
         report_gpu(times, tokens, config, device)
     else:
@@ -145,8 +161,11 @@ def make_step(model, loss_fn, autocast):
 def report_gpu(times: dict, tokens: int, config: OrionConfig, device) -> None:
     name = torch.cuda.get_device_name(device)
     peak = train.spec_peak_flops(name)
-    print(f"device: {name}, torch {torch.__version__}; MFU against {peak / 1e12:.0f} TFLOP/s (dense bf16 spec)" if peak else
-          f"device: {name}, torch {torch.__version__}; no spec-sheet peak known, so no MFU")
+    print(
+        f"device: {name}, torch {torch.__version__}; MFU against {peak / 1e12:.0f} TFLOP/s (dense bf16 spec)"
+        if peak
+        else f"device: {name}, torch {torch.__version__}; no spec-sheet peak known, so no MFU"
+    )
     tok_s = {n: tokens / statistics.median(wall for wall, _ in t) for n, t in times.items()}
     for n, v in tok_s.items():
         mfu = f", MFU {v * 6 * config.n_active_params() / peak:.1%}" if peak else ""
@@ -154,17 +173,26 @@ def report_gpu(times: dict, tokens: int, config: OrionConfig, device) -> None:
 
 
 def report_cpu(times: dict, tokens: int, config: OrionConfig) -> None:
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+        f"{torch.__version__}"
+    )
     tok_s = {n: tokens / min(wall for wall, _ in t) for n, t in times.items()}
     for n, v in tok_s.items():
         print(f"  {n:13s} {v:10,.0f} tokens/s per training step (fwd + bwd + AdamW), fastest step")
     # Step i of both models ran back to back: their CPU-time ratio is little affected by load changes.
     paired = statistics.median(h[1] / n[1] for n, h in zip(times["nano_orion"], times["transformers"]))
     plain, chunked = output_layer_ms(config, tokens)
-    print(f"  of which the output layer + cross-entropy (fwd + bwd): {plain:.0f} ms from the whole logits (transformers), "
-          f"{chunked:.0f} ms in chunks (nano_orion); nano_orion's fastest step: {1e3 * tokens / tok_s['nano_orion']:.0f} ms")
-    print(f"nano_orion / transformers: {paired:.2f}x (median over paired steps, CPU time); "
-          f"{tok_s['nano_orion'] / tok_s['transformers']:.2f}x (fastest steps, wall-clock)")
+    print(
+        f"  of which the output layer + cross-entropy (fwd + bwd): {plain:.0f} ms from the whole logits "
+        "(transformers), "
+        f"{chunked:.0f} ms in chunks (nano_orion); nano_orion's fastest step: "
+        f"{1e3 * tokens / tok_s['nano_orion']:.0f} ms"
+    )
+    print(
+        f"nano_orion / transformers: {paired:.2f}x (median over paired steps, CPU time); "
+        f"{tok_s['nano_orion'] / tok_s['transformers']:.2f}x (fastest steps, wall-clock)"
+    )
 
 
 def output_layer_ms(config, n_tokens: int) -> tuple[float, float]:
@@ -173,9 +201,15 @@ def output_layer_ms(config, n_tokens: int) -> tuple[float, float]:
     h = torch.randn(n_tokens, config.dim, requires_grad=True)
     w = torch.randn(config.vocab_size, config.dim, requires_grad=True)
     y = torch.randint(0, config.vocab_size, (n_tokens,))
-    best = best_times({"plain": lambda: F.cross_entropy(F.linear(h, w), y).backward(),
-                       "chunked": lambda: cross_entropy(h, w, y).backward()}, repeats=6)
+    best = best_times(
+        {
+            "plain": lambda: F.cross_entropy(F.linear(h, w), y).backward(),
+            "chunked": lambda: cross_entropy(h, w, y).backward(),
+        },
+        repeats=6,
+    )
     return 1e3 * best["plain"], 1e3 * best["chunked"]
+
 
 if __name__ == "__main__":
     main()

@@ -99,12 +99,19 @@ class Attention(nn.Module):
             # One new token (decoding): a group's query heads all read the same kv head under
             # the same mask, so they can be stacked as that kv head's queries: plain attention,
             # (B, n_kv_heads, group, head_dim), without copying the keys and values per head.
-            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, group, self.head_dim), k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(
+                q.reshape(B, self.n_kv_heads, group, self.head_dim), k, v, attn_mask=mask
+            )
         elif mask is None:  # causal among these T tokens: the fused kernels share the kv heads themselves
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)  # (B, T, n_heads, head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(
+                1, 2
+            )  # (B, T, n_heads, head_dim)
         else:  # a mask (a padded batch, or a cache holding earlier tokens): each kv head is first
             # copied for its group's query heads, the form every kernel takes (docs/04_attention.md)
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_heads, n_keys, head_dim)
+            k, v = (
+                k.repeat_interleave(group, dim=1),
+                v.repeat_interleave(group, dim=1),
+            )  # (B, n_heads, n_keys, head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)  # (B, T, n_heads, head_dim)
         # reshape, not view: the layout of y depends on the kernel that computed it
         return self.wo(y.reshape(B, T, self.n_heads * self.head_dim))

@@ -139,21 +139,28 @@ def weight_files(folder: Path) -> dict[str, list[str] | None]:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (folder / single).exists():
             return {single: None}
-    raise CheckpointError(f"{folder}: no weights found; expected model*.safetensors or pytorch_model*.bin, "
-                          "with an index file if sharded")
+    raise CheckpointError(
+        f"{folder}: no weights found; expected model*.safetensors or pytorch_model*.bin, with an index file if sharded"
+    )
 
 
 def check_tensor(path: Path, key: str, tensor: torch.Tensor, shape: tuple) -> None:
     if tuple(tensor.shape) != shape:
-        raise CheckpointError(f"{path}: {key} has shape {tuple(tensor.shape)}, config.json implies {shape}; "
-                              "check that config.json belongs to these weights")
+        raise CheckpointError(
+            f"{path}: {key} has shape {tuple(tensor.shape)}, config.json implies {shape}; "
+            "check that config.json belongs to these weights"
+        )
     if tensor.dtype not in DTYPES.values():
-        raise CheckpointError(f"{path}: {key} has unsupported dtype {tensor.dtype}; nano_orion reads {', '.join(DTYPES)} weights")
+        raise CheckpointError(
+            f"{path}: {key} has unsupported dtype {tensor.dtype}; nano_orion reads {', '.join(DTYPES)} weights"
+        )
 
 
 def missing_tensors(folder: Path, names: list[str]) -> CheckpointError:
-    return CheckpointError(f"{folder}: {len(names)} tensors missing, e.g. {', '.join(names[:3])}; "
-                           "the download is incomplete, fetch the weights again")
+    return CheckpointError(
+        f"{folder}: {len(names)} tensors missing, e.g. {', '.join(names[:3])}; "
+        "the download is incomplete, fetch the weights again"
+    )
 
 
 # ---- reading nano_orion's own format ------------------------------------------------------------
@@ -188,7 +195,10 @@ def _nano_tensors(folder, files, shapes):
             if _EXPERTS_0_1.fullmatch(name):
                 name = _EXPERTS_0_1.sub(r"\1.experts.\2", name)
             if name not in shapes:
-                raise CheckpointError(f"{folder / file}: unexpected tensor {name} for config.json's model; check that config.json belongs to these weights")
+                raise CheckpointError(
+                    f"{folder / file}: unexpected tensor {name} for config.json's model; check that config.json "
+                    "belongs to these weights"
+                )
             check_tensor(folder / file, name, tensor, shapes[name])
             seen.add(name)
             yield name, tensor
@@ -219,7 +229,11 @@ def write_shards(tensors, folder: Path, max_shard_bytes: int) -> None:
         size += nbytes
         total += nbytes
     flush()
-    names = ["model.safetensors"] if len(written) == 1 else [f"model-{k:05d}-of-{len(written):05d}.safetensors" for k in range(1, len(written) + 1)]
+    names = (
+        ["model.safetensors"]
+        if len(written) == 1
+        else [f"model-{k:05d}-of-{len(written):05d}.safetensors" for k in range(1, len(written) + 1)]
+    )
     umask = os.umask(0)
     os.umask(umask)
     for (path, _), name in zip(written, names):
@@ -232,15 +246,19 @@ def write_shards(tensors, folder: Path, max_shard_bytes: int) -> None:
 
 
 def write_config(folder: Path, config: OrionConfig) -> None:
-    (folder / "config.json").write_text(json.dumps({"nano_orion": FORMAT_VERSION, "config": config.to_dict()}, indent=2) + "\n")
+    (folder / "config.json").write_text(
+        json.dumps({"nano_orion": FORMAT_VERSION, "config": config.to_dict()}, indent=2) + "\n"
+    )
 
 
 def is_checkpoint_file(name: str) -> bool:
     """A file of one save: config.json, the weights, the index, and train.py's train_state.pt
     (not the tokenizer, a log or other files). A new save never carries these over from the
     folder it replaces, so that weights never pair with another save's shards or state."""
-    return (name in ("config.json", "model.safetensors", INDEX, "train_state.pt")
-            or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None)
+    return (
+        name in ("config.json", "model.safetensors", INDEX, "train_state.pt")
+        or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None
+    )
 
 
 def _tensors_in(obj) -> list[torch.Tensor]:
@@ -267,13 +285,16 @@ def check_free_space(folder: Path, needed: int) -> None:
     existing = next(p for p in [folder, *folder.parents] if p.exists())
     free = shutil.disk_usage(existing).free
     if free < needed:
-        raise CheckpointError(f"{folder}: the checkpoint needs about {gb(needed)} and the disk has {gb(free)} free; "
-                              "free some space or choose another folder")
+        raise CheckpointError(
+            f"{folder}: the checkpoint needs about {gb(needed)} and the disk has {gb(free)} free; "
+            "free some space or choose another folder"
+        )
 
 
 def _carry(src: Path, dst: Path) -> None:
     """A file or folder of the old checkpoint folder into the new one: hard links (the same file
     under a second name: no copy, and a log appended to later grows in both), else a copy."""
+
     def link_or_copy(a, b):
         try:
             os.link(a, b)
@@ -286,8 +307,14 @@ def _carry(src: Path, dst: Path) -> None:
         link_or_copy(src, dst)
 
 
-def save(model: Orion, folder, max_shard_bytes: int = MAX_SHARD_BYTES, state_dict=None, tokenizer=None,
-         extra: dict | None = None) -> None:
+def save(
+    model: Orion,
+    folder,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    state_dict=None,
+    tokenizer=None,
+    extra: dict | None = None,
+) -> None:
     """Write `model` as a nano_orion checkpoint into `folder` (created if needed), replacing the
     checkpoint there in one step: everything is written into a temporary folder beside it, which
     then swaps places with `folder` (atomic.atomic_folder). Whoever reads or copies `folder` finds
@@ -304,7 +331,9 @@ def save(model: Orion, folder, max_shard_bytes: int = MAX_SHARD_BYTES, state_dic
     folder = Path(folder)
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = _tensors_in([state_dict, extra])
-    needed = space_needed(sum(t.numel() * t.element_size() for t in tensors), len(tensors), [tokenizer] if tokenizer else [])
+    needed = space_needed(
+        sum(t.numel() * t.element_size() for t in tensors), len(tensors), [tokenizer] if tokenizer else []
+    )
     check_free_space(folder, needed)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(folder, replace=True) as staging:
@@ -313,12 +342,15 @@ def save(model: Orion, folder, max_shard_bytes: int = MAX_SHARD_BYTES, state_dic
             write_config(staging, model.config)
             if tokenizer:
                 shutil.copyfile(tokenizer, staging / "tokenizer.model")
-                (staging / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": False}) + "\n")
+                (staging / "tokenizer_config.json").write_text(
+                    json.dumps({"add_bos_token": False, "add_eos_token": False}) + "\n"
+                )
             for name, obj in (extra or {}).items():
                 torch.save(obj, staging / name)
         except (OSError, SafetensorError, RuntimeError) as e:  # torch.save's full disk is a RuntimeError
-            raise CheckpointError(f"{folder}: writing the checkpoint failed ({first_line(e)}); "
-                                  "the previous checkpoint is unchanged") from None
+            raise CheckpointError(
+                f"{folder}: writing the checkpoint failed ({first_line(e)}); the previous checkpoint is unchanged"
+            ) from None
         if folder.is_dir():
             for old in folder.iterdir():
                 if not is_checkpoint_file(old.name) and not (staging / old.name).exists():

@@ -3,9 +3,11 @@
 import argparse
 import os
 
-THREADS_HELP = ("torch's CPU threads (torch.set_num_threads): half the CPUs, at most 4, unless given, which keeps "
-                "steps steady when other work shares the machine, where torch's own choice (one per CPU) can make "
-                "them stall")
+THREADS_HELP = (
+    "torch's CPU threads (torch.set_num_threads): half the CPUs, at most 4, unless given, which keeps "
+    "steps steady when other work shares the machine, where torch's own choice (one per CPU) can make "
+    "them stall"
+)
 
 
 def default_threads() -> int:

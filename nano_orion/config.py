@@ -46,7 +46,17 @@ class OrionConfig:
         problems = []
         if self.norm_type not in NORM_TYPES:
             problems.append(f"norm_type must be one of {NORM_TYPES}, got {self.norm_type!r}")
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "n_experts", "top_k", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "ffn_dim",
+            "n_experts",
+            "top_k",
+            "max_seq_len",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if not problems:

@@ -42,8 +42,10 @@ def check_messages(messages):
         if m["role"] == "system" and i > 0:
             raise ValueError(f"message {i}: a system message can only come first; move it to the start")
     if messages[-1]["role"] != "user":
-        raise ValueError(f"the conversation ends with a {messages[-1]['role']} message, so there is nothing to reply to; "
-                         "end it with a user message")
+        raise ValueError(
+            f"the conversation ends with a {messages[-1]['role']} message, so there is nothing to reply to; "
+            "end it with a user message"
+        )
 
 
 def chat_ids(tokenizer: Tokenizer, messages) -> list[int]:
@@ -71,15 +73,25 @@ def fit_history(tokenizer: Tokenizer, messages, max_tokens: int) -> list[dict]:
     while (n := len(chat_ids(tokenizer, system + turns))) > max_tokens:
         starts = [i for i, m in enumerate(turns) if m["role"] == "user"]
         if len(starts) < 2:
-            raise ValueError(f"the last message{' with the system message' if system else ''} takes {n} tokens in the "
-                             f"chat format, more than the {max_tokens} there is room for; shorten it, or leave more "
-                             "room (fewer new tokens)")
+            raise ValueError(
+                f"the last message{' with the system message' if system else ''} takes {n} tokens in the "
+                f"chat format, more than the {max_tokens} there is room for; shorten it, or leave more "
+                "room (fewer new tokens)"
+            )
         turns = turns[starts[1] :]
     return system + turns
 
 
-def chat(model, tokenizer: Tokenizer, messages, sampling: SamplingConfig = GREEDY, stream=None,
-         max_new_tokens: int = 256, generator=None, decode_step=None) -> str:
+def chat(
+    model,
+    tokenizer: Tokenizer,
+    messages,
+    sampling: SamplingConfig = GREEDY,
+    stream=None,
+    max_new_tokens: int = 256,
+    generator=None,
+    decode_step=None,
+) -> str:
     """The model's reply to a conversation: messages are dicts {"role": "system" | "user" |
     "assistant", "content": text}, ending with a user message. Greedy unless `sampling`
     says otherwise (generate.py --chat uses the official demo's settings, sampler.ORION_DEMO).
@@ -89,10 +101,21 @@ def chat(model, tokenizer: Tokenizer, messages, sampling: SamplingConfig = GREED
     ids = chat_ids(tokenizer, messages)
     max_seq_len = model.config.max_seq_len
     if len(ids) + max_new_tokens > max_seq_len:
-        raise ValueError(f"the conversation takes {len(ids)} tokens, and {max_new_tokens} new ones would pass the "
-                         f"model's max_seq_len {max_seq_len}; drop its oldest turns (nano_orion.conversation.fit_history) "
-                         "or ask for fewer new tokens")
-    result = generate_text(model, tokenizer, [ids], max_new_tokens, sampling, stop=STOP,
-                           on_text=(lambda _, chunk: stream(chunk)) if stream else None,
-                           device=model.embed.weight.device, generator=generator, decode_step=decode_step)
+        raise ValueError(
+            f"the conversation takes {len(ids)} tokens, and {max_new_tokens} new ones would pass the "
+            f"model's max_seq_len {max_seq_len}; drop its oldest turns (nano_orion.conversation.fit_history) "
+            "or ask for fewer new tokens"
+        )
+    result = generate_text(
+        model,
+        tokenizer,
+        [ids],
+        max_new_tokens,
+        sampling,
+        stop=STOP,
+        on_text=(lambda _, chunk: stream(chunk)) if stream else None,
+        device=model.embed.weight.device,
+        generator=generator,
+        decode_step=decode_step,
+    )
     return result.texts[0]

@@ -61,8 +61,11 @@ def source_files(source) -> list[Path]:
     if path.is_file():
         files = [path]
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not files:
             raise DataError(f"--data {path}: the folder holds no files; point at a UTF-8 text file or a folder of them")
     else:
@@ -84,8 +87,10 @@ def vocab_size_for(n_bytes: int, requested: int) -> int:
     """The requested vocabulary, capped at one piece per BYTES_PER_PIECE bytes of text
     (rounded down to a multiple of 64); too little text for MIN_VOCAB is an error."""
     if requested < MIN_VOCAB:
-        raise DataError(f"--vocab-size must be at least {MIN_VOCAB} (256 byte pieces, 3 specials and some merges), "
-                        f"got {requested}; ask for more")
+        raise DataError(
+            f"--vocab-size must be at least {MIN_VOCAB} (256 byte pieces, 3 specials and some merges), "
+            f"got {requested}; ask for more"
+        )
     cap = n_bytes // BYTES_PER_PIECE // 64 * 64
     if cap < MIN_VOCAB:
         raise DataError(
@@ -127,8 +132,10 @@ def train_tokenizer(docs: list[str], model_prefix: Path, vocab_size: int) -> Non
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise DataError(f"sentencepiece could not train a {vocab_size}-piece tokenizer on this corpus ({e}); "
-                        "give --data more text or ask for a smaller --vocab-size") from None
+        raise DataError(
+            f"sentencepiece could not train a {vocab_size}-piece tokenizer on this corpus ({e}); "
+            "give --data more text or ask for a smaller --vocab-size"
+        ) from None
     finally:
         text_file.unlink()
 
@@ -163,8 +170,13 @@ def prepare(source=None, cache_dir="data", vocab_size: int = 4096, val_fraction:
         n_val = max(1, int(len(ids) * val_fraction))
         write_tokens(tmp / "train.bin", ids[:-n_val])
         write_tokens(tmp / "val.bin", ids[-n_val:])
-        meta = {"source": str(source) if source else "python standard library", "files": len(files),
-                "vocab_size": tok.n_pieces, "train_tokens": len(ids) - n_val, "val_tokens": n_val}
+        meta = {
+            "source": str(source) if source else "python standard library",
+            "files": len(files),
+            "vocab_size": tok.n_pieces,
+            "train_tokens": len(ids) - n_val,
+            "val_tokens": n_val,
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     log(f"prepared {meta['train_tokens']:,} train and {n_val:,} val tokens")
     return out
@@ -183,12 +195,15 @@ def read_tokens(path) -> np.ndarray:
 def check_fills_block(tokens: np.ndarray, block_size: int) -> None:
     """A block needs block_size + 1 tokens: its inputs and, one further, their targets."""
     if len(tokens) < block_size + 1:
-        raise DataError(f"{len(tokens):,} tokens cannot fill one block of {block_size} (needs {block_size + 1}); "
-                        "use a smaller --block-size or more data")
+        raise DataError(
+            f"{len(tokens):,} tokens cannot fill one block of {block_size} (needs {block_size + 1}); "
+            "use a smaller --block-size or more data"
+        )
 
 
-def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, micro: int = 0,
-              n_micro: int = 1):
+def get_batch(
+    tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int, micro: int = 0, n_micro: int = 1
+):
     """Micro-batch `micro` of `n_micro` of the global batch of `step`: inputs x and targets
     y = x shifted by one, each (batch_size, block_size) int64.
 
@@ -199,7 +214,7 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, s
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     # a window is block_size + 1 tokens (inputs and the next token), so starts run 0 .. len - block_size - 1
     starts = torch.randint(len(tokens) - block_size, (n_micro * batch_size,), generator=g)
-    starts = starts[micro * batch_size:(micro + 1) * batch_size].tolist()
-    window = np.stack([tokens[s:s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
+    starts = starts[micro * batch_size : (micro + 1) * batch_size].tolist()
+    window = np.stack([tokens[s : s + block_size + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
     window = torch.from_numpy(window)
     return window[:, :-1], window[:, 1:]

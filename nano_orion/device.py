@@ -45,6 +45,8 @@ def resolve_device(name: str, local_rank: int | None = None, cuda_count: int | N
     if local_rank is None:
         return torch.device("cuda", 0)
     if local_rank >= cuda_count:
-        raise ValueError(f"{name}: LOCAL_RANK {local_rank} has no GPU, this machine shows {gpus}; "
-                         f"start at most {cuda_count} processes per machine (torchrun --nproc_per_node {cuda_count})")
+        raise ValueError(
+            f"{name}: LOCAL_RANK {local_rank} has no GPU, this machine shows {gpus}; "
+            f"start at most {cuda_count} processes per machine (torchrun --nproc_per_node {cuda_count})"
+        )
     return torch.device("cuda", local_rank)

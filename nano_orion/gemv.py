@@ -55,9 +55,23 @@ def use_triton(x) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _expert_gemv_kernel(x_ptr, w_ptr, scale_ptr, expert_ptr, y_ptr, n_out, n_in: tl.constexpr,
-                            stride_x, stride_we, stride_wo, stride_se, stride_y,
-                            HAS_SCALE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    def _expert_gemv_kernel(
+        x_ptr,
+        w_ptr,
+        scale_ptr,
+        expert_ptr,
+        y_ptr,
+        n_out,
+        n_in: tl.constexpr,
+        stride_x,
+        stride_we,
+        stride_wo,
+        stride_se,
+        stride_y,
+        HAS_SCALE: tl.constexpr,
+        BLOCK_O: tl.constexpr,
+        BLOCK_I: tl.constexpr,
+    ):
         # n_in is a compile-time constant: the loop below has a known trip count (one kernel per
         # matrix width, of which a model has two), and Triton's interpreter needs a plain int there
         r = tl.program_id(0)  # which row of x
@@ -89,14 +103,26 @@ if triton is not None:
         )(_expert_gemv_kernel)
 
     @torch.library.custom_op("nano_orion::expert_gemv", mutates_args=())
-    def _expert_gemv_triton(x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    def _expert_gemv_triton(
+        x: torch.Tensor, w: torch.Tensor, expert: torch.Tensor, scale: torch.Tensor | None
+    ) -> torch.Tensor:
         R, (_, n_out, n_in) = x.shape[0], w.shape
         x, w = x.contiguous(), w.contiguous()  # the kernel walks the last dimension with stride 1
         y = torch.empty(R, n_out, dtype=x.dtype, device=x.device)
         grid = lambda meta: (R, triton.cdiv(n_out, meta["BLOCK_O"]))  # noqa: E731
         _expert_gemv_kernel[grid](
-            x, w, scale if scale is not None else w, expert, y, n_out, n_in,
-            x.stride(0), w.stride(0), w.stride(1), scale.stride(0) if scale is not None else 0, y.stride(0),
+            x,
+            w,
+            scale if scale is not None else w,
+            expert,
+            y,
+            n_out,
+            n_in,
+            x.stride(0),
+            w.stride(0),
+            w.stride(1),
+            scale.stride(0) if scale is not None else 0,
+            y.stride(0),
             HAS_SCALE=scale is not None,
         )
         return y

@@ -23,26 +23,64 @@ import torch
 from tqdm import tqdm
 
 from .atomic import atomic_folder
-from .checkpoint import (MAX_SHARD_BYTES, TOKENIZER_FILES, CheckpointError, assemble, check_folder, check_free_space,
-                         check_tensor, copy_tokenizer, expected_shapes, first_line, missing_tensors, read_json,
-                         read_nano, read_weight_file, space_needed, weight_files, write_config, write_shards)
+from .checkpoint import (
+    MAX_SHARD_BYTES,
+    TOKENIZER_FILES,
+    CheckpointError,
+    assemble,
+    check_folder,
+    check_free_space,
+    check_tensor,
+    copy_tokenizer,
+    expected_shapes,
+    first_line,
+    missing_tensors,
+    read_json,
+    read_nano,
+    read_weight_file,
+    space_needed,
+    weight_files,
+    write_config,
+    write_shards,
+)
 from .config import OrionConfig
 from .model import Orion
 
 # ---- config.json ------------------------------------------------------------------------------
 
 # Our field name -> the released config.json key (Mixtral's names).
-_HF_KEYS = {"vocab_size": "vocab_size", "dim": "hidden_size", "n_layers": "num_hidden_layers",
-            "n_heads": "num_attention_heads", "ffn_dim": "intermediate_size", "n_experts": "num_local_experts",
-            "top_k": "num_experts_per_tok", "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps"}
+_HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "ffn_dim": "intermediate_size",
+    "n_experts": "num_local_experts",
+    "top_k": "num_experts_per_tok",
+    "rope_theta": "rope_theta",
+    "norm_eps": "rms_norm_eps",
+}
 
 # The released file's remaining keys, which carry no information nano_orion uses.
 _HF_TEMPLATE = {
-    "architectures": ["OrionMOECausalLM"], "model_type": "orion_moe",
-    "auto_map": {"AutoConfig": "configuration_orion.OrionMOEConfig", "AutoModelForCausalLM": "modeling_orion.OrionMOEForCausalLM"},
-    "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
-    "output_router_logits": False, "pretraining_tp": 1, "rope_scaling": None, "router_jitter_noise": 0,
-    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": False,
+    "architectures": ["OrionMOECausalLM"],
+    "model_type": "orion_moe",
+    "auto_map": {
+        "AutoConfig": "configuration_orion.OrionMOEConfig",
+        "AutoModelForCausalLM": "modeling_orion.OrionMOEForCausalLM",
+    },
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "output_router_logits": False,
+    "pretraining_tp": 1,
+    "rope_scaling": None,
+    "router_jitter_noise": 0,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "use_cache": False,
 }
 
 
@@ -62,11 +100,20 @@ def config_from_hf(src, norm_type: str | None = None) -> OrionConfig:
     if missing:
         raise ValueError(f"config.json lacks the keys {missing}")
     # what nano_orion implements, as in the released model
-    implemented = {"rope_scaling": None, "sliding_window": None, "hidden_act": "silu", "attention_bias": False,
-                   "tie_word_embeddings": False, "head_dim": src["hidden_size"] // src["num_attention_heads"]}
+    implemented = {
+        "rope_scaling": None,
+        "sliding_window": None,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "head_dim": src["hidden_size"] // src["num_attention_heads"],
+    }
     for key, supported in implemented.items():
         if src.get(key) not in (None, supported):
-            raise ValueError(f"config.json has {key}={src[key]!r}; nano_orion implements only {supported!r}, as in the released model")
+            raise ValueError(
+                f"config.json has {key}={src[key]!r}; nano_orion implements only {supported!r}, as in the released "
+                "model"
+            )
     values = {ours: src[theirs] for ours, theirs in _HF_KEYS.items()}
     values["n_kv_heads"] = src.get("num_key_value_heads") or values["n_heads"]
     values["max_seq_len"] = src.get("max_position_embeddings", OrionConfig.max_seq_len)
@@ -82,10 +129,16 @@ def config_to_hf(config: OrionConfig) -> dict:
     """The released ``config.json`` for this model, plus a ``norm_type`` key of ours."""
     d = dict(_HF_TEMPLATE)
     d.update({theirs: getattr(config, ours) for ours, theirs in _HF_KEYS.items()})
-    d.update(num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
-             max_sequence_length=config.max_seq_len, router_aux_loss_coef=config.router_aux_loss_coef,
-             bos_token_id=config.bos_id, eos_token_id=config.eos_id, pad_token_id=config.pad_id,
-             norm_type=config.norm_type)
+    d.update(
+        num_key_value_heads=config.n_kv_heads,
+        max_position_embeddings=config.max_seq_len,
+        max_sequence_length=config.max_seq_len,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+        bos_token_id=config.bos_id,
+        eos_token_id=config.eos_id,
+        pad_token_id=config.pad_id,
+        norm_type=config.norm_type,
+    )
     return d
 
 
@@ -186,7 +239,9 @@ def _hf_tensors(folder, files, config, shapes, dtype):
                     "of config.json; check that config.json belongs to these weights"
                 )
             if (name, expert) in seen:
-                raise CheckpointError(f"{path}: {key} appears twice; remove the duplicate or download the weights again")
+                raise CheckpointError(
+                    f"{path}: {key} appears twice; remove the duplicate or download the weights again"
+                )
             seen.add((name, expert))
             check_tensor(path, key, tensor, shapes[name] if expert is None else shapes[name][1:])
             if expert is None:
@@ -199,7 +254,11 @@ def _hf_tensors(folder, files, config, shapes, dtype):
             arrived[name] = arrived.get(name, 0) + 1
             if arrived[name] == config.n_experts:
                 yield name, stacks.pop(name)
-    expected = {(n, e) for n, s in shapes.items() for e in (range(config.n_experts) if n.endswith(("w1", "w2", "w3")) else [None])}
+    expected = {
+        (n, e)
+        for n, s in shapes.items()
+        for e in (range(config.n_experts) if n.endswith(("w1", "w2", "w3")) else [None])
+    }
     missing = sorted(nano_name_to_hf(n, e) for n, e in expected - seen)
     if missing:
         raise missing_tensors(folder, missing)
@@ -230,7 +289,9 @@ def _check_free_space(out: Path, src: Path, config: OrionConfig, dtype, n_tensor
     """Room beside `out` for all the output: the parameters in `dtype` (None: as much as the
     input's weight files), with a margin per tensor for the headers, the tokenizer files, the
     index and config.json (checkpoint.space_needed)."""
-    tensor_bytes = config.n_params() * dtype.itemsize if dtype else sum((src / f).stat().st_size for f in weight_files(src))
+    tensor_bytes = (
+        config.n_params() * dtype.itemsize if dtype else sum((src / f).stat().st_size for f in weight_files(src))
+    )
     tokenizer = [src / name for name in TOKENIZER_FILES if (src / name).exists()]
     check_free_space(out, space_needed(tensor_bytes, n_tensors, tokenizer))
 
@@ -243,7 +304,9 @@ def _progress(tensors, total: int, desc: str):
             bar.update(1)
 
 
-def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
+def convert_hf(
+    src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False
+) -> None:
     """Released layout in `src` -> nano_orion checkpoint in `out`, one input shard at a time."""
     src, out = Path(src), Path(out)
     config, tensors = read_hf(src, dtype)
@@ -255,7 +318,9 @@ def convert_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int 
         copy_tokenizer(src, tmp)
 
 
-def export_hf(src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False) -> None:
+def export_hf(
+    src, out, dtype: torch.dtype | None = None, max_shard_bytes: int = MAX_SHARD_BYTES, force: bool = False
+) -> None:
     """nano_orion checkpoint in `src` -> the released layout in `out` (safetensors, same tensor
     names and config.json keys as the original, plus our "norm_type"), one shard at a time.
     An RMSNorm model is exactly Mixtral and says so (model_type "mixtral", architectures

@@ -67,7 +67,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_loss), (None if grad_w is None else grad_w * grad_loss), None, None
+        return (
+            (None if grad_h is None else grad_h * grad_loss),
+            (None if grad_w is None else grad_w * grad_loss),
+            None,
+            None,
+        )
 
 
 def loss_and_grads(h, w, y, chunk_size: int, want_grad_h: bool, want_grad_w: bool):
@@ -85,7 +90,7 @@ def loss_and_grads(h, w, y, chunk_size: int, want_grad_h: bool, want_grad_w: boo
         w_c = w.to(dtype)
         w_g = w_c if grad_dtype == dtype else w.to(grad_dtype)  # converted once, not twice
         for start in range(0, N, chunk_size):
-            h_c, y_c = h[start:start + chunk_size].to(dtype), y[start:start + chunk_size]
+            h_c, y_c = h[start : start + chunk_size].to(dtype), y[start : start + chunk_size]
             logits = (h_c @ w_c.T).float()  # (n, vocab_size): this chunk's logits only
             # Shifting a row by its maximum changes neither softmax nor the loss, and keeps exp
             # finite. From here on the float32 logits are turned, in place, into the gradient g.
@@ -99,7 +104,7 @@ def loss_and_grads(h, w, y, chunk_size: int, want_grad_h: bool, want_grad_w: boo
                 g[torch.arange(len(y_c), device=g.device), y_c] -= 1 / N  # minus onehot(y) / N
                 g = g.to(grad_dtype)
                 if want_grad_h:
-                    grad_h[start:start + chunk_size] = g @ w_g
+                    grad_h[start : start + chunk_size] = g @ w_g
                 if want_grad_w:
                     grad_w += g.T @ h_c.to(grad_dtype)
     return loss / N, grad_h, None if grad_w is None else grad_w.to(w.dtype)

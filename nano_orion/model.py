@@ -117,7 +117,9 @@ class Orion(nn.Module):
         """The mean cross-entropy of predicting targets (B, T) int64 from idx (B, T): a 0-d
         float32 tensor, computed without holding all the logits (loss.py)."""
         if not self.lm_head.weight.is_floating_point():  # e.g. int8 (quantize.py): the weight is not the matrix
-            raise ValueError("loss() needs a float output layer; for a quantized model, compute the cross-entropy of its logits")
+            raise ValueError(
+                "loss() needs a float output layer; for a quantized model, compute the cross-entropy of its logits"
+            )
         return cross_entropy(self.hidden(idx).flatten(0, 1), self.lm_head.weight, targets.flatten())
 
     def hidden(self, idx, cache=None, start_pos=0, pad_mask=None):
@@ -162,6 +164,10 @@ class Orion(nn.Module):
         if cache is not None and end > cache[0].k.shape[2]:
             raise ValueError(f"the KV cache holds {cache[0].k.shape[2]} positions, asked to write up to {end}")
         if start_pos > 0 and cache is None:
-            raise ValueError(f"start_pos={start_pos} needs the KV cache holding positions 0..{start_pos - 1} (model.new_cache)")
+            raise ValueError(
+                f"start_pos={start_pos} needs the KV cache holding positions 0..{start_pos - 1} (model.new_cache)"
+            )
         if pad_mask is not None and (pad_mask.shape[0] != B or pad_mask.shape[1] < end):
-            raise ValueError(f"pad_mask must cover every position so far, shape ({B}, >= {end}); got {tuple(pad_mask.shape)}")
+            raise ValueError(
+                f"pad_mask must cover every position so far, shape ({B}, >= {end}); got {tuple(pad_mask.shape)}"
+            )

@@ -51,7 +51,9 @@ def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     """How many (token, slot) pairs chose each expert: (n_experts,) int32, computed on the
     device (torch.bincount would ask the host for the largest id first)."""
     flat = experts.flatten()
-    return torch.zeros(n_experts, dtype=torch.int32, device=flat.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return torch.zeros(n_experts, dtype=torch.int32, device=flat.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32)
+    )
 
 
 def expert_ffn(x, w1, w3, w2):
@@ -115,7 +117,9 @@ class MoE(nn.Module):
     def __init__(self, config: OrionConfig):
         super().__init__()
         self.top_k = config.top_k
-        self.experts = Experts(config.n_experts, config.dim, config.ffn_dim)  # first: init_weights draws it before the router
+        self.experts = Experts(
+            config.n_experts, config.dim, config.ffn_dim
+        )  # first: init_weights draws it before the router
         self.router = nn.Linear(config.dim, config.n_experts, bias=False)
         self.routing = None  # (probs, experts) of the last forward pass
 

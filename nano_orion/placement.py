@@ -78,8 +78,10 @@ def placement(config: OrionConfig, shapes: dict[str, tuple], device, dtype: torc
 
 def _inputs_to(device: torch.device, module: nn.Module, args: tuple, kwargs: dict):
     """A forward pre-hook: the module's tensor arguments, moved to `device`; the rest as they are."""
+
     def move(a):
         return a.to(device) if isinstance(a, torch.Tensor) else a
+
     return tuple(map(move, args)), {k: move(v) for k, v in kwargs.items()}
 
 

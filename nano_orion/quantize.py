@@ -50,7 +50,9 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         rows = x.reshape(-1, x.shape[-1])
         if len(rows) <= DECODE_TOKENS and gemv.use_triton(x):  # decoding: int8 read and converted in the kernel
-            y = gemv.expert_gemv(rows, self.weight[None], torch.zeros(len(rows), dtype=torch.long, device=x.device), self.scale[None])
+            y = gemv.expert_gemv(
+                rows, self.weight[None], torch.zeros(len(rows), dtype=torch.long, device=x.device), self.scale[None]
+            )
             return y.view(*x.shape[:-1], -1)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 

@@ -157,8 +157,15 @@ def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
 
 
 @torch.inference_mode()
-def generate_tokens(model, idx, max_new_tokens: int, sampling: SamplingConfig = GREEDY, pad_mask=None,
-                    generator: torch.Generator | None = None, decode_step=None):
+def generate_tokens(
+    model,
+    idx,
+    max_new_tokens: int,
+    sampling: SamplingConfig = GREEDY,
+    pad_mask=None,
+    generator: torch.Generator | None = None,
+    decode_step=None,
+):
     """Yield the next ids (B, 1) one step at a time; the caller stops when it wants.
 
     idx (B, T) prompts, left-padded when of different lengths, with pad_mask (B, T) True

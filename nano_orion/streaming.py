@@ -100,8 +100,18 @@ class Generation:
     decode_time: float  # seconds from the first token to the last
 
 
-def generate_text(model, tokenizer: Tokenizer, prompts, max_new_tokens: int, sampling: SamplingConfig = GREEDY, stop=(),
-                  on_text=None, device=None, generator=None, decode_step=None) -> Generation:
+def generate_text(
+    model,
+    tokenizer: Tokenizer,
+    prompts,
+    max_new_tokens: int,
+    sampling: SamplingConfig = GREEDY,
+    stop=(),
+    on_text=None,
+    device=None,
+    generator=None,
+    decode_step=None,
+) -> Generation:
     """Complete each prompt (a string, or a list of token ids) and time it.
 
     Rows stop at eos, at the first stop string (which is not included), or after

@@ -30,7 +30,9 @@ class Tokenizer:
         settings = {}
         if (folder / "tokenizer_config.json").exists():
             settings = json.loads((folder / "tokenizer_config.json").read_text())
-        return cls(folder / "tokenizer.model", settings.get("add_bos_token", False), settings.get("add_eos_token", False))
+        return cls(
+            folder / "tokenizer.model", settings.get("add_bos_token", False), settings.get("add_eos_token", False)
+        )
 
     @property
     def n_pieces(self) -> int:

@@ -32,7 +32,11 @@ def write_synthetic(folder: Path, config: OrionConfig, shard_bytes: int) -> None
     for name, shape in shapes.items():
         if name.endswith("w1"):
             layer = name.removesuffix("w1")
-            names += [(nano_name_to_hf(layer + w, e), shapes[layer + w][1:]) for e in range(config.n_experts) for w in ("w1", "w2", "w3")]
+            names += [
+                (nano_name_to_hf(layer + w, e), shapes[layer + w][1:])
+                for e in range(config.n_experts)
+                for w in ("w1", "w2", "w3")
+            ]
         elif not name.endswith(("w2", "w3")):
             names.append((nano_name_to_hf(name), shape))
     shards, shard, size = [], {}, 0
@@ -56,10 +60,14 @@ def write_synthetic(folder: Path, config: OrionConfig, shard_bytes: int) -> None
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("work_dir", type=Path, help="an empty folder with room for twice the checkpoint")
-    parser.add_argument("--dtype", default="bfloat16", help="convert.py's --dtype (default: bfloat16; float16 keeps the stored dtype)")
+    parser.add_argument(
+        "--dtype", default="bfloat16", help="convert.py's --dtype (default: bfloat16; float16 keeps the stored dtype)"
+    )
     parser.add_argument("--layers", type=int, default=12, help="layers of 403 MB (fp16) each (default: 12, about 5 GB)")
     args = parser.parse_args()
-    config = OrionConfig(vocab_size=32000, dim=1024, n_layers=args.layers, n_heads=8, n_kv_heads=2, ffn_dim=8192, norm_type="rmsnorm")
+    config = OrionConfig(
+        vocab_size=32000, dim=1024, n_layers=args.layers, n_heads=8, n_kv_heads=2, ffn_dim=8192, norm_type="rmsnorm"
+    )
     src, out = args.work_dir / "released", args.work_dir / "nano"
     try:
         # In a separate process: a child's peak RSS starts from its parent's, which must stay small.
@@ -76,7 +84,10 @@ def main():
         if convert.returncode:
             raise subprocess.CalledProcessError(convert.returncode, cmd)
         peak = usage.ru_maxrss * 1024  # Linux reports KiB
-        print(f"checkpoint {total / 1e9:.2f} GB in {len(list(src.glob('*.bin')))} shards; convert.py peak RSS {peak / 1e9:.2f} GB")
+        print(
+            f"checkpoint {total / 1e9:.2f} GB in {len(list(src.glob('*.bin')))} shards; convert.py peak RSS "
+            f"{peak / 1e9:.2f} GB"
+        )
     finally:
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)

@@ -67,10 +67,12 @@ def parse(text: str) -> list[Block]:
     for m in FENCE.finditer(text):
         info = m.group(1).strip()
         if info == OUTPUT_INFO:
-            if previous is None or previous.output is not None or text[previous.end:m.start()].strip():
+            if previous is None or previous.output is not None or text[previous.end : m.start()].strip():
                 line = text.count("\n", 0, m.start()) + 1
-                raise ValueError(f"line {line}: a ```{OUTPUT_INFO} block must directly follow the "
-                                 "```python block whose output it shows")
+                raise ValueError(
+                    f"line {line}: a ```{OUTPUT_INFO} block must directly follow the "
+                    "```python block whose output it shows"
+                )
             previous.output = m.group(2).rstrip("\n")
             previous.output_span = (m.start(), m.end())
             continue
@@ -129,7 +131,9 @@ def run_blocks(page: Path, blocks: list[Block]) -> list[str]:
 
 # ---- comparing outputs --------------------------------------------------------------------
 
-NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|(?<=[\w.])(?:\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+NUMBER = re.compile(
+    r"(?<![\w.])[-+]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|(?<=[\w.])(?:\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?"
+)
 TOKEN = re.compile(r"\.\.\.|" + NUMBER.pattern + r"|[^\W\d_]+|\S")
 
 LAST_DIGITS = 2  # two numbers printed to the same digit may differ by this many units in it
@@ -188,7 +192,7 @@ def outputs_match(shown: str, printed: str) -> tuple[bool, str]:
             if not same(a, b):
                 return False, f"token {i}: shown {text_of(a)!r}, printed {text_of(b)!r} (in ...{context(got, i)}...)"
         if len(want) != len(got):
-            extra = got[len(want):] if len(got) > len(want) else want[len(got):]
+            extra = got[len(want) :] if len(got) > len(want) else want[len(got) :]
             side = "printed" if len(got) > len(want) else "shown"
             return False, f"the {side} output goes on: {' '.join(text_of(t) for t in extra[:12])} ..."
         return True, ""
@@ -211,7 +215,7 @@ def text_of(t) -> str:
 
 
 def context(toks, i, width=6) -> str:
-    return " ".join(text_of(t) for t in toks[max(0, i - width):i + width])
+    return " ".join(text_of(t) for t in toks[max(0, i - width) : i + width])
 
 
 def check_outputs(page: Path, blocks: list[Block], printed: list[str]) -> list[str]:
@@ -226,8 +230,9 @@ def check_outputs(page: Path, blocks: list[Block], printed: list[str]) -> list[s
         elif block.output is not None:
             ok, why = outputs_match(block.output, out)
             if not ok:
-                problems.append(f"{where}: the shown output is not what the block prints: {why}\n"
-                                f"--- printed now:\n{out}")
+                problems.append(
+                    f"{where}: the shown output is not what the block prints: {why}\n--- printed now:\n{out}"
+                )
     return problems
 
 
@@ -237,16 +242,16 @@ def with_outputs(text: str, blocks: list[Block], printed: list[str], keep_matchi
     for block, out in zip(blocks, printed):
         if block.output is not None:
             start, end = block.output_span
-            pieces.append(text[pos:block.end])
+            pieces.append(text[pos : block.end])
             keep = out and keep_matching and outputs_match(block.output, out)[0]
             if keep:
-                pieces.append(text[block.end:end])
+                pieces.append(text[block.end : end])
             elif out:
-                pieces.append(text[block.end:start] + f"```{OUTPUT_INFO}\n{out}\n```\n")
+                pieces.append(text[block.end : start] + f"```{OUTPUT_INFO}\n{out}\n```\n")
             # else: the block prints nothing now, so its output block (and the blank lines before it) go
             pos = end
         elif out:
-            pieces.append(text[pos:block.end] + f"\n```{OUTPUT_INFO}\n{out}\n```\n")
+            pieces.append(text[pos : block.end] + f"\n```{OUTPUT_INFO}\n{out}\n```\n")
             pos = block.end
     pieces.append(text[pos:])
     return "".join(pieces)
@@ -311,8 +316,9 @@ def check_anchors(page: Path, text: str) -> list[str]:
         if want is None:
             problems.append(f"{where}: no def or class {name} in {shown(path)}")
         elif line != want:
-            problems.append(f"{where}: {name} is defined at line {want}, the link says "
-                            f"{'no line' if line is None else line}")
+            problems.append(
+                f"{where}: {name} is defined at line {want}, the link says {'no line' if line is None else line}"
+            )
     return problems
 
 
@@ -333,14 +339,18 @@ def with_anchors(page: Path, text: str) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("pages", nargs="*", type=Path, help="pages to refresh (default: docs/*.md and README.md)")
     parser.add_argument("--check", action="store_true", help="only report what is stale; exit 1 if anything is")
     parser.add_argument("--no-run", action="store_true", help="refresh the line anchors only (fast)")
-    parser.add_argument("--rewrite", action="store_true",
-                        help="write every output as printed now, also those that still match (after changing how a "
-                        "snippet formats its numbers); wildcards (...) other than temporary paths are lost")
+    parser.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="write every output as printed now, also those that still match (after changing how a "
+        "snippet formats its numbers); wildcards (...) other than temporary paths are lost",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))  # the snippets import nano_orion and train.py from the checkout
     stale = False

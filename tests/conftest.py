@@ -56,7 +56,6 @@ def reference(name: str) -> dict[str, torch.Tensor]:
     return load_file(FIXTURES / name / "reference.safetensors")
 
 
-
 def assert_same_weights(loaded, model):
     """loaded has model's config and exactly its tensors."""
     original = model.state_dict()
@@ -112,5 +111,16 @@ def fixture_name(request):
 
 def small_model(norm_type="layernorm", n_layers=3, seed=0) -> Orion:
     """A random 3-layer model of 32 numbers per token and 100 pieces: quick to save, load and place."""
-    config = OrionConfig.preset("toy", norm_type=norm_type, vocab_size=100, dim=32, n_layers=n_layers, ffn_dim=16, max_seq_len=32)
+    config = OrionConfig.preset(
+        "toy", norm_type=norm_type, vocab_size=100, dim=32, n_layers=n_layers, ffn_dim=16, max_seq_len=32
+    )
     return random_model(config, seed)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The Zen of Python (tests/corpus/zen.txt), repeated to the 32 kB a 320-piece tokenizer needs: easy to memorise."""
+    zen = (ROOT / "tests" / "corpus" / "zen.txt").read_text().rstrip("\n")
+    path = tmp_path_factory.mktemp("corpus") / "zen.txt"
+    path.write_text((zen + "\n\n") * 40)
+    return path

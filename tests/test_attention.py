@@ -96,7 +96,9 @@ def test_cached_decode_with_left_padding_equals_unpadded(config, seed):
     with torch.no_grad():
         cache = model.new_cache(2, 12)
         model(batch, cache=cache, pad_mask=pad_mask[:, :7])
-        steps = [model(nxt[:, i : i + 1], cache=cache, start_pos=7 + i, pad_mask=pad_mask[:, : 8 + i]) for i in range(5)]
+        steps = [
+            model(nxt[:, i : i + 1], cache=cache, start_pos=7 + i, pad_mask=pad_mask[:, : 8 + i]) for i in range(5)
+        ]
         alone = model(torch.cat([short, nxt[:1]], 1))
     torch.testing.assert_close(torch.cat(steps, 1)[0], alone[0, 3:], atol=ATOL, rtol=0)
 
@@ -156,7 +158,9 @@ def test_no_attention_call_combines_a_mask_with_shared_kv_heads(monkeypatch):
     generate(model, idx[1:], 3)  # a plain prefill and decoding
     model(idx)  # training's call: causal, no mask
     assert not any(masked and gqa for _, masked, gqa in calls)
-    assert any(T == idx.shape[1] and masked for T, masked, _ in calls)  # the padded prefill (a decoding step's q has group rows)
+    assert any(
+        T == idx.shape[1] and masked for T, masked, _ in calls
+    )  # the padded prefill (a decoding step's q has group rows)
 
 
 def test_attention_mask_by_hand():

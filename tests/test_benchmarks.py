@@ -13,12 +13,31 @@ from nano_orion import Orion, OrionConfig
 
 
 def test_bench_gpu_runs_and_prints_its_table(capsys):
-    status = bench_gpu.main(["--device", "cpu", "--config", "toy", "--layers", "2", "--hf-layers", "1", "--prompt-tokens", "8",
-                             "--long", "24", "--new-tokens", "6", "--no-compile"])
+    status = bench_gpu.main(
+        [
+            "--device",
+            "cpu",
+            "--config",
+            "toy",
+            "--layers",
+            "2",
+            "--hf-layers",
+            "1",
+            "--prompt-tokens",
+            "8",
+            "--long",
+            "24",
+            "--new-tokens",
+            "6",
+            "--no-compile",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0 and "failed" not in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| model | GB read/token") and len(table) == 2 + 3  # header, rule, int8 + bf16 + bf16 beside transformers
+    assert (
+        table[0].startswith("| model | GB read/token") and len(table) == 2 + 3
+    )  # header, rule, int8 + bf16 + bf16 beside transformers
     assert table[2].startswith("| int8, 2 layers |") and table[4].startswith("| bf16, 1 layers |")
     assert "TTFT 8 (s)" in table[0] and "tok/s after 24" in table[0]
     assert "transformers eager decode" in out
@@ -29,8 +48,9 @@ def test_bench_gpu_measures_a_compiled_step(capsys):
     eager (greedy tokens, and the logits along them, which must agree closely on the CPU)."""
     config = bench_gpu.PRESETS["toy"]
     torch.manual_seed(6)  # weights whose router, at one step, has two experts within rounding of each other
-    model = bench_gpu.build_random(bench_gpu.replace(config, n_layers=1, norm_type="rmsnorm"), torch.device("cpu"),
-                                   torch.bfloat16, quantize=True)
+    model = bench_gpu.build_random(
+        bench_gpu.replace(config, n_layers=1, norm_type="rmsnorm"), torch.device("cpu"), torch.bfloat16, quantize=True
+    )
     options = argparse.Namespace(new_tokens=6, prompt_tokens=40, long=[48], no_compile=False)
     graphs = counters["stats"]["unique_graphs"]
     row = {"label": "int8, 1 layer"}
@@ -45,14 +65,35 @@ def test_bench_gpu_measures_a_compiled_step(capsys):
 def test_a_failing_measurement_costs_only_its_own_cells(monkeypatch, capsys):
     """A GPU run is one shot: when compiling fails, the eager and transformers numbers still
     make the table, the failure is named after it (its traceback before), and the status is 1."""
+
     def no_compiler(model):
         raise RuntimeError("no kernel for this shape\nsecond line")
 
     monkeypatch.setattr(bench_gpu, "compile_decode_step", no_compiler)
-    status = bench_gpu.main(["--device", "cpu", "--config", "toy", "--layers", "1", "--hf-layers", "1", "--prompt-tokens", "8",
-                             "--long", "24", "--new-tokens", "4"])
+    status = bench_gpu.main(
+        [
+            "--device",
+            "cpu",
+            "--config",
+            "toy",
+            "--layers",
+            "1",
+            "--hf-layers",
+            "1",
+            "--prompt-tokens",
+            "8",
+            "--long",
+            "24",
+            "--new-tokens",
+            "4",
+        ]
+    )
     captured = capsys.readouterr()
-    table = [line.split(" | ") for line in captured.out.splitlines() if line.startswith("| int8") or line.startswith("| bf16")]
+    table = [
+        line.split(" | ")
+        for line in captured.out.splitlines()
+        if line.startswith("| int8") or line.startswith("| bf16")
+    ]
     # every row's eager tok/s was measured (a number, not the blank of a failed part; at 4 tokens on a
     # busy machine timing noise can make it any number, so its value is not checked)
     assert status == 1 and len(table) == 3 and all(math.isfinite(float(cells[3])) for cells in table)
@@ -99,4 +140,7 @@ def test_bench_train_races_transformers_in_bf16_under_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16), MatmulDtypes() as mode, torch.no_grad():
             hf.model.layers[0].mlp(torch.randn(2, 16, config.dim))
         seen[bf16_autocast] = mode.dtypes
-    assert seen == {True: {torch.bfloat16}, False: {torch.bfloat16, torch.float32}}  # the default: router bf16, experts float32
+    assert seen == {
+        True: {torch.bfloat16},
+        False: {torch.bfloat16, torch.float32},
+    }  # the default: router bf16, experts float32

@@ -1,4 +1,5 @@
-"""nano_orion's checkpoint format: save/load round trip, atomic saves, zero-copy loading (placement across devices: test_placement.py)."""
+"""nano_orion's checkpoint format: save/load round trip, atomic saves, zero-copy loading
+(placement across devices: test_placement.py)."""
 
 import os
 import re
@@ -18,7 +19,10 @@ from conftest import FIXTURES, assert_same_weights, small_model
 def test_save_load_round_trip_sharded(tmp_path):
     model = small_model()
     nano_orion.save(model, tmp_path, max_shard_bytes=20_000)
-    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    assert (
+        len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+        and (tmp_path / "model.safetensors.index.json").exists()
+    )
     loaded, tokenizer = nano_orion.load(tmp_path)
     assert tokenizer is None
     assert_same_weights(loaded, model)
@@ -62,7 +66,10 @@ def test_failed_save_changes_nothing(tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr("nano_orion.checkpoint.write_config", disk_full)
-    with pytest.raises(CheckpointError, match="writing the checkpoint failed .No space left on device.; the previous checkpoint is unchanged"):
+    with pytest.raises(
+        CheckpointError,
+        match="writing the checkpoint failed .No space left on device.; the previous checkpoint is unchanged",
+    ):
         nano_orion.save(small_model(n_layers=1, seed=1), folder)
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
     assert [f.name for f in tmp_path.iterdir()] == ["ckpt"]
@@ -89,8 +96,11 @@ def test_a_save_checks_the_free_space_first(tmp_path, monkeypatch):
     nano_orion.save(model, folder)
     before = {f.name: f.read_bytes() for f in folder.iterdir()}
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil_usage(free=10**5))
-    with pytest.raises(CheckpointError, match=f"{folder}: the checkpoint needs about 1.4 MB and the disk has 0.1 MB free; "
-                                              "free some space or choose another folder"):
+    with pytest.raises(
+        CheckpointError,
+        match=f"{folder}: the checkpoint needs about 1.4 MB and the disk has 0.1 MB free; "
+        "free some space or choose another folder",
+    ):
         nano_orion.save(small_model(seed=1), folder)
     assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
     assert [f.name for f in tmp_path.iterdir()] == ["ckpt"]
@@ -111,9 +121,11 @@ def test_a_damaged_weight_file_gets_advice_that_fits_its_folder(tmp_path, origin
         (folder / "config.json").write_text("{}")
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    advice = {"trained": "train.py wrote this folder: resume from an earlier copy of it, or train again",
-              "saved": "write the checkpoint again (convert.py, or nano_orion.save)",
-              "released": "download this file again"}[origin]
+    advice = {
+        "trained": "train.py wrote this folder: resume from an earlier copy of it, or train again",
+        "saved": "write the checkpoint again (convert.py, or nano_orion.save)",
+        "released": "download this file again",
+    }[origin]
     with pytest.raises(CheckpointError, match=f"{weights}: truncated or corrupt .*; {re.escape(advice)}$"):
         checkpoint.read_weight_file(weights)
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import train
+
 from conftest import FIXTURES, ROOT, load_script, one_line_error, usage_error
 
 generate = load_script("generate.py")
@@ -25,18 +26,28 @@ CKPT = str(FIXTURES / "orion-mini-rmsnorm")  # vocab_size 576, max_seq_len 256
 
 def run_script(*argv) -> tuple[int, str, str]:
     """python SCRIPT ARGS in a fresh process without a GPU: (exit status, stdout, stderr)."""
-    done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+    )
     return done.returncode, done.stdout, done.stderr
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["generate.py", "--ckpt", CKPT, "--prompt-ids", "1,2,99999"],  # refused after loading the checkpoint
-         "generate.py: error: --prompt-ids: 99999 is not a token id; the vocabulary has 576 (ids 0 to 575)"),
-        (["generate.py", "--ckpt", CKPT, "--device", "cuda"],
-         "generate.py: error: --device cuda: no CUDA device here; use --device cpu"),
+        (
+            ["generate.py", "--ckpt", CKPT, "--prompt-ids", "1,2,99999"],  # refused after loading the checkpoint
+            "generate.py: error: --prompt-ids: 99999 is not a token id; the vocabulary has 576 (ids 0 to 575)",
+        ),
+        (
+            ["generate.py", "--ckpt", CKPT, "--device", "cuda"],
+            "generate.py: error: --device cuda: no CUDA device here; use --device cpu",
+        ),
         (["train.py", "--device", "cuda"], "train.py: error: --device cuda: no CUDA device here; use --device cpu"),
     ],
 )
@@ -53,7 +64,8 @@ def generate_error(capsys, *argv) -> str:
 @pytest.mark.parametrize("ids", ["a,b", "1,,2", "-1", "1.5", "", "506 449"])
 def test_prompt_ids_not_integers(capsys, ids):
     assert generate_error(capsys, "--prompt-ids", ids).endswith(
-        f"--prompt-ids {ids}: give token ids as comma-separated integers, e.g. 506,449,232")
+        f"--prompt-ids {ids}: give token ids as comma-separated integers, e.g. 506,449,232"
+    )
 
 
 def test_prompt_ids_beyond_the_vocabulary(capsys):
@@ -65,7 +77,8 @@ def test_prompts_that_cannot_run(capsys, tmp_path):
     latin1 = tmp_path / "prompt.txt"
     latin1.write_bytes("café".encode("latin-1"))
     assert generate_error(capsys, "--prompt-file", str(latin1)).endswith(
-        f"--prompt-file {latin1}: not UTF-8 text (byte 3); save it as UTF-8")
+        f"--prompt-file {latin1}: not UTF-8 text (byte 3); save it as UTF-8"
+    )
 
 
 def test_cuda_without_a_gpu(capsys, monkeypatch):
@@ -86,7 +99,8 @@ def test_max_new_tokens_checked_before_printing(capsys):
     prompts = ["--prompt", "expert", "--prompt", "位置 x"]
     assert generate_error(capsys, *prompts, "--max-new-tokens", "100000").endswith(
         "--max-new-tokens 100000: the longest prompt takes 4 of the model's 256 positions (max_seq_len), "
-        "so at most 252 new tokens fit")
+        "so at most 252 new tokens fit"
+    )
     assert "at most 252 new tokens fit" in generate_error(capsys, *prompts, "--max-new-tokens", "253")
     generate.main(["--ckpt", CKPT, *prompts, "--max-new-tokens", "252", "--temperature", "0"])  # the most that fits
     assert capsys.readouterr().out.count("────") == 4  # two headed completions
@@ -96,14 +110,18 @@ def test_stop_escapes_and_the_empty_stop(capsys):
     assert generate.unescape(r"\n\n") == "\n\n" and generate.unescape(r"a\tb\\n\q") == "a\tb\\n\\q"
     _, args = generate.parse_args(["--ckpt", CKPT, "--stop", r"\n\n", "--stop", "end"])
     assert args.stop == ["\n\n", "end"]
-    assert generate_error(capsys, "--stop", "").endswith("--stop '': an empty stop text matches before the first token; give some text")
+    assert generate_error(capsys, "--stop", "").endswith(
+        "--stop '': an empty stop text matches before the first token; give some text"
+    )
     with pytest.raises(SystemExit):
         generate.main(["--help"])
     assert r"--stop '\n\n' stops at a blank line" in re.sub(r"\s+", " ", capsys.readouterr().out)
 
 
 def test_no_rate_for_zero_decoded_tokens(capsys):
-    generate.main(["--ckpt", CKPT, "--prompt", "expert", "--max-new-tokens", "1"])  # the one token comes from the prefill
+    generate.main(
+        ["--ckpt", CKPT, "--prompt", "expert", "--max-new-tokens", "1"]
+    )  # the one token comes from the prefill
     err = capsys.readouterr().err
     assert err.rstrip().endswith("decode 0 tokens]") and "nan" not in err
 
@@ -127,17 +145,24 @@ def test_help_states_each_default_once(tool, capsys):
     says nothing (None, a switch's False, an empty list) is left out; a list reads as typed."""
     from benchmarks import bench_gpu
 
-    parse = {"train": train.parse_args, "generate": generate.parse_args, "convert": convert.main, "bench_gpu": bench_gpu.main}[tool]
+    parse = {
+        "train": train.parse_args,
+        "generate": generate.parse_args,
+        "convert": convert.main,
+        "bench_gpu": bench_gpu.main,
+    }[tool]
     with pytest.raises(SystemExit):
         parse(["--help"])
     options = capsys.readouterr().out.split("\noptions:\n")[1]
     flags = [re.sub(r"\s+", " ", f).strip() for f in re.split(r"\n(?=  -)", options)]  # an entry starts at column 2
     assert not any(re.search(r"\(default: (None|False|\[\])\)", flag) for flag in flags)
     assert all(flag.count("default") <= 1 for flag in flags), [f for f in flags if f.count("default") > 1]
-    expected = {"train": ["--lr-decay-iters LR_DECAY_ITERS", "(default: --max-iters)"],
-                "generate": ["--max-new-tokens MAX_NEW_TOKENS", "(default: 256)"],
-                "convert": ["--shard-gb SHARD_GB", "(default: 5.0)"],
-                "bench_gpu": ["--long [LONG ...]", "(default: 4096 8192)"]}[tool]
+    expected = {
+        "train": ["--lr-decay-iters LR_DECAY_ITERS", "(default: --max-iters)"],
+        "generate": ["--max-new-tokens MAX_NEW_TOKENS", "(default: 256)"],
+        "convert": ["--shard-gb SHARD_GB", "(default: 5.0)"],
+        "bench_gpu": ["--long [LONG ...]", "(default: 4096 8192)"],
+    }[tool]
     assert expected[1] in next(flag for flag in flags if flag.startswith(expected[0]))
 
 
@@ -177,7 +202,10 @@ def test_readme_and_ci_state_the_supported_range_that_pyproject_declares():
     newest = max(re.findall(r'"Programming Language :: Python :: (3\.\d+)"', pyproject), key=lambda v: int(v[2:]))
     torch_floor = re.search(r'"torch>=(\d+\.\d+)"', pyproject).group(1)
     readme = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
-    assert f"Python {python} or newer" in readme and f"supports Python {python} to {newest} and torch {torch_floor} or newer" in readme
+    assert (
+        f"Python {python} or newer" in readme
+        and f"supports Python {python} to {newest} and torch {torch_floor} or newer" in readme
+    )
     assert f"make test TORCH=torch=={torch_floor}.0 VENV=" in (ROOT / ".ci" / "run").read_text()  # the floor is tested
 
 
@@ -188,10 +216,15 @@ def test_make_refuses_a_venv_made_with_another_torch(tmp_path):
     (venv / ".installed").write_text("torch==2.11.0\n")
     later = (ROOT / "pyproject.toml").stat().st_mtime + 60
     os.utime(venv / ".installed", (later, later))  # up to date: make goes straight to the check
-    done = subprocess.run(["make", "-s", "-C", str(ROOT), "install", f"VENV={venv}", "TORCH=torch==2.13.0"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), "install", f"VENV={venv}", "TORCH=torch==2.13.0"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and done.stdout == ""
-    assert f"make: {venv} was made with torch==2.11.0, not torch==2.13.0: give this torch a venv of its own" in done.stderr
+    assert (
+        f"make: {venv} was made with torch==2.11.0, not torch==2.13.0: give this torch a venv of its own" in done.stderr
+    )
     assert (venv / ".installed").read_text() == "torch==2.11.0\n"  # nothing reinstalled
 
 
@@ -208,7 +241,7 @@ def test_readmes_resume_command_continues_make_demos_run():
 def test_readme_python_api_runs_from_any_folder(tmp_path, monkeypatch, capsys):
     refresh = load_script("scripts/refresh_docs.py")
     readme = (ROOT / "README.md").read_text()
-    first_block = refresh.parse(readme[readme.index("## Python API"):])[0]
+    first_block = refresh.parse(readme[readme.index("## Python API") :])[0]
     monkeypatch.chdir(tmp_path)
     with refresh.one_thread():
         exec(compile(first_block.source, "README.md: Python API", "exec"), {})
@@ -227,7 +260,9 @@ def test_gpu_check_runs_every_step_and_names_the_failed_ones(tmp_path):
         log = tmp_path / f"{failing}.log"
         stand_in.write_text(f'#!/bin/sh\necho "$1" >> {log}\ncase "$*" in *{failing}*) exit 1;; esac\n')
         stand_in.chmod(0o755)
-        done = subprocess.run(["make", "--no-print-directory", "gpu-check", f"PY={stand_in}"], cwd=ROOT, capture_output=True, text=True)
+        done = subprocess.run(
+            ["make", "--no-print-directory", "gpu-check", f"PY={stand_in}"], cwd=ROOT, capture_output=True, text=True
+        )
         assert log.read_text().split() == expected_runs  # pytest (-m), train.py, [generate.py], bench_train (-m)
         assert f"gpu-check: failed: {expected_failed}\n" in done.stdout and done.returncode == 2
 
@@ -241,4 +276,5 @@ def test_generate_threads_sets_torchs_threads(capsys):
         torch.set_num_threads(n)
     capsys.readouterr()
     assert usage_error(capsys, generate.main, ["--ckpt", CKPT, "--threads", "0"]).endswith(
-        ": error: --threads 0: must be at least 1")
+        ": error: --threads 0: must be at least 1"
+    )

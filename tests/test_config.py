@@ -45,9 +45,17 @@ def test_config_from_hf_reads_the_released_keys():
     raw = json.loads((FIXTURES / "orion-mini-rmsnorm" / "config.json").read_text())
     c = config_from_hf(FIXTURES / "orion-mini-rmsnorm", norm_type="rmsnorm")
     assert (c.vocab_size, c.dim, c.n_layers) == (raw["vocab_size"], raw["hidden_size"], raw["num_hidden_layers"])
-    assert (c.n_heads, c.n_kv_heads, c.ffn_dim) == (raw["num_attention_heads"], raw["num_key_value_heads"], raw["intermediate_size"])
+    assert (c.n_heads, c.n_kv_heads, c.ffn_dim) == (
+        raw["num_attention_heads"],
+        raw["num_key_value_heads"],
+        raw["intermediate_size"],
+    )
     assert (c.n_experts, c.top_k) == (raw["num_local_experts"], raw["num_experts_per_tok"])
-    assert (c.rope_theta, c.norm_eps, c.max_seq_len) == (raw["rope_theta"], raw["rms_norm_eps"], raw["max_position_embeddings"])
+    assert (c.rope_theta, c.norm_eps, c.max_seq_len) == (
+        raw["rope_theta"],
+        raw["rms_norm_eps"],
+        raw["max_position_embeddings"],
+    )
     assert (c.bos_id, c.eos_id, c.pad_id) == (raw["bos_token_id"], raw["eos_token_id"], raw["pad_token_id"])
     assert config_from_hf(config_to_hf(c)) == c
     assert OrionConfig.from_dict(c.to_dict()) == c
@@ -65,7 +73,12 @@ def test_bad_configs_are_refused_with_a_reason():
     raw = json.loads((FIXTURES / "orion-mini-rmsnorm" / "config.json").read_text())
     with pytest.raises(ValueError, match="hidden_size"):
         config_from_hf({k: v for k, v in raw.items() if k != "hidden_size"})
-    for key, value in [("hidden_act", "gelu"), ("attention_bias", True), ("tie_word_embeddings", True), ("head_dim", 32)]:
+    for key, value in [
+        ("hidden_act", "gelu"),
+        ("attention_bias", True),
+        ("tie_word_embeddings", True),
+        ("head_dim", 32),
+    ]:
         with pytest.raises(ValueError, match=key):
             config_from_hf({**raw, key: value})
     assert config_from_hf({**raw, "head_dim": 16}).head_dim == 16  # consistent: accepted

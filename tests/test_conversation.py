@@ -38,28 +38,66 @@ def test_chat_ids_follow_the_format_token_by_token():
     the special tokens as ids and each text segment encoded on its own."""
     tok = nano_orion.Tokenizer.from_dir(FIXTURE)
     sp = spm.SentencePieceProcessor(model_file=str(FIXTURE / "tokenizer.model"))
-    messages = [{"role": "system", "content": "Be brief."}, user("What is an expert?"), assistant("A small MLP."),
-                user("And the router?")]
-    expected = ([BOS] + sp.encode("Human: Be brief.\n\nWhat is an expert?\n\nAssistant: ") + [EOS]
-                + sp.encode("A small MLP.") + [EOS]
-                + sp.encode("Human: And the router?\n\nAssistant: ") + [EOS])
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        user("What is an expert?"),
+        assistant("A small MLP."),
+        user("And the router?"),
+    ]
+    expected = (
+        [BOS]
+        + sp.encode("Human: Be brief.\n\nWhat is an expert?\n\nAssistant: ")
+        + [EOS]
+        + sp.encode("A small MLP.")
+        + [EOS]
+        + sp.encode("Human: And the router?\n\nAssistant: ")
+        + [EOS]
+    )
     assert chat_ids(tok, messages) == expected
     # the shortest conversation, piece by piece (the fixture's tokenizer adds a "▁" at a segment's
     # start, turns newlines into spaces, and spells "H" and ":" as bytes)
     pieces = [sp.id_to_piece(i) for i in chat_ids(tok, [user("hi")])]
-    assert pieces == ["<s>", "▁", "<0x48>", "u", "m", "an", "<0x3A>", "▁", "h", "i",
-                      "▁A", "s", "s", "i", "s", "t", "an", "t", "<0x3A>", "</s>"]
+    assert pieces == [
+        "<s>",
+        "▁",
+        "<0x48>",
+        "u",
+        "m",
+        "an",
+        "<0x3A>",
+        "▁",
+        "h",
+        "i",
+        "▁A",
+        "s",
+        "s",
+        "i",
+        "s",
+        "t",
+        "an",
+        "t",
+        "<0x3A>",
+        "</s>",
+    ]
 
 
-@pytest.mark.parametrize("messages, problem", [
-    ([], "no messages"),
-    ([{"role": "bot", "content": "hi"}], "message 0: role 'bot' is not one of system, user, assistant"),
-    ([user("hi"), "hello"], "message 1: 'hello' is not a message"),
-    ([user("hi"), {"role": "system", "content": "Be brief."}, user("hi")],
-     "message 1: a system message can only come first; move it to the start"),
-    ([user("hi"), assistant("hello")], "ends with a assistant message, so there is nothing to reply to; end it with a user"),
-    ([{"role": "system", "content": "Be brief."}], "ends with a system message"),
-])
+@pytest.mark.parametrize(
+    "messages, problem",
+    [
+        ([], "no messages"),
+        ([{"role": "bot", "content": "hi"}], "message 0: role 'bot' is not one of system, user, assistant"),
+        ([user("hi"), "hello"], "message 1: 'hello' is not a message"),
+        (
+            [user("hi"), {"role": "system", "content": "Be brief."}, user("hi")],
+            "message 1: a system message can only come first; move it to the start",
+        ),
+        (
+            [user("hi"), assistant("hello")],
+            "ends with a assistant message, so there is nothing to reply to; end it with a user",
+        ),
+        ([{"role": "system", "content": "Be brief."}], "ends with a system message"),
+    ],
+)
 def test_bad_conversations_are_one_clear_error(messages, problem):
     tok = nano_orion.Tokenizer.from_dir(FIXTURE)
     with pytest.raises(ValueError, match=re.escape(problem)):
@@ -72,11 +110,17 @@ def test_fit_history_drops_the_oldest_turns_and_keeps_the_system_message():
     turns = [user("first question"), assistant("first answer"), user("second"), assistant("two"), user("third")]
     whole = len(chat_ids(tok, [system, *turns]))
     assert fit_history(tok, [system, *turns], whole) == [system, *turns]
-    assert fit_history(tok, [system, *turns], whole - 1) == [system, *turns[2:]]  # one turn dropped: a question, its answer
+    assert fit_history(tok, [system, *turns], whole - 1) == [
+        system,
+        *turns[2:],
+    ]  # one turn dropped: a question, its answer
     last = len(chat_ids(tok, [system, turns[-1]]))
     assert fit_history(tok, [system, *turns], last) == [system, turns[-1]]
-    with pytest.raises(ValueError, match=rf"the last message with the system message takes {last} tokens in the chat format, "
-                                         f"more than the {last - 1} there is room for; shorten it"):
+    with pytest.raises(
+        ValueError,
+        match=rf"the last message with the system message takes {last} tokens in the chat format, "
+        f"more than the {last - 1} there is room for; shorten it",
+    ):
         fit_history(tok, [system, *turns], last - 1)
 
 
@@ -86,7 +130,7 @@ def test_reply_is_the_greedy_continuation_up_to_eos(fixture):
     ids = chat_ids(tok, messages)
     chunks = []
     reply = nano_orion.chat(model, tok, messages, stream=chunks.append, max_new_tokens=24)
-    new = nano_orion.generate(model, torch.tensor([ids]), 24)[0, len(ids):].tolist()
+    new = nano_orion.generate(model, torch.tensor([ids]), 24)[0, len(ids) :].tolist()
     new = new[: new.index(EOS)] if EOS in new else new
     assert reply == tok.decode(new) and "Human:" not in reply  # a fresh text: no leading space
     assert "".join(chunks) == reply
@@ -122,9 +166,24 @@ def test_cli_chat_keeps_the_history_and_resets(fixture, monkeypatch, capsys):
     """Two turns, /reset, one more, /exit: the replies are chat()'s on the same history, with
     the same draws, and the third starts a new conversation."""
     model, tok = fixture
-    monkeypatch.setattr("sys.stdin", io.StringIO("What is an expert?\nAnd the router?\n/reset\nHello\n/exit\nnever read\n"))
-    generate_cli.main(["--ckpt", str(FIXTURE), "--chat", "--device", "cpu", "--max-new-tokens", "12", "--seed", "5",
-                       "--system", "Be brief."])
+    monkeypatch.setattr(
+        "sys.stdin", io.StringIO("What is an expert?\nAnd the router?\n/reset\nHello\n/exit\nnever read\n")
+    )
+    generate_cli.main(
+        [
+            "--ckpt",
+            str(FIXTURE),
+            "--chat",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "12",
+            "--seed",
+            "5",
+            "--system",
+            "Be brief.",
+        ]
+    )
     out, err = capsys.readouterr()
     generator = torch.Generator().manual_seed(5)
     system = {"role": "system", "content": "Be brief."}
@@ -139,20 +198,28 @@ def test_cli_chat_keeps_the_history_and_resets(fixture, monkeypatch, capsys):
     assert err == "[conversation reset]\n"
 
 
-@pytest.mark.parametrize("argv, problem", [
-    (["--chat", "--prompt", "hi"], "--prompt: not with --chat"),
-    (["--chat", "--stop", "x"], "--stop: not with --chat"),
-    (["--system", "Be brief."], "--system: only with --chat"),
-])
+@pytest.mark.parametrize(
+    "argv, problem",
+    [
+        (["--chat", "--prompt", "hi"], "--prompt: not with --chat"),
+        (["--chat", "--stop", "x"], "--stop: not with --chat"),
+        (["--system", "Be brief."], "--system: only with --chat"),
+    ],
+)
 def test_cli_chat_flag_conflicts(capsys, argv, problem):
     assert problem in usage_error(capsys, generate_cli.main, ["--ckpt", str(FIXTURE), *argv])
 
 
 def test_cli_chat_without_room_for_a_turn(capsys):
-    last = usage_error(capsys, generate_cli.main, ["--ckpt", str(FIXTURE), "--chat", "--max-new-tokens", "250",
-                                                   "--system", "Be brief."])
-    assert last.endswith("--max-new-tokens 250: a turn with --system takes at least 26 tokens, and the model's "
-                         "max_seq_len 256 leaves room for 6; ask for fewer new tokens or shorten --system")
+    last = usage_error(
+        capsys,
+        generate_cli.main,
+        ["--ckpt", str(FIXTURE), "--chat", "--max-new-tokens", "250", "--system", "Be brief."],
+    )
+    assert last.endswith(
+        "--max-new-tokens 250: a turn with --system takes at least 26 tokens, and the model's "
+        "max_seq_len 256 leaves room for 6; ask for fewer new tokens or shorten --system"
+    )
 
 
 def test_cli_chat_message_too_long_is_one_line_and_the_session_goes_on(monkeypatch, capsys):
@@ -160,4 +227,6 @@ def test_cli_chat_message_too_long_is_one_line_and_the_session_goes_on(monkeypat
     generate_cli.main(["--ckpt", str(FIXTURE), "--chat", "--device", "cpu", "--max-new-tokens", "8"])
     out, err = capsys.readouterr()
     assert ": the last message takes " in err and "more than the 248 there is room for" in err and err.count("\n") == 1
-    assert out.startswith("you> you> ") and out.endswith("\nyou> \n")  # the second message got a reply; EOF ends the line
+    assert out.startswith("you> you> ") and out.endswith(
+        "\nyou> \n"
+    )  # the second message got a reply; EOF ends the line

@@ -59,7 +59,9 @@ def sampled_runs(model, runs, decode_step=None):
         idx, pad_mask = left_pad(prompts, 0, DEVICE)
         g = torch.Generator(DEVICE).manual_seed(0)
         pad_mask = None if pad_mask.all() else pad_mask
-        outputs.append(generate(model, idx, n, ORION_DEMO, pad_mask=pad_mask, generator=g, decode_step=decode_step).tolist())
+        outputs.append(
+            generate(model, idx, n, ORION_DEMO, pad_mask=pad_mask, generator=g, decode_step=decode_step).tolist()
+        )
     return outputs
 
 

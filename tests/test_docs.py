@@ -35,8 +35,10 @@ STALE = "; `make docs-refresh` rewrites outputs and line anchors from the code (
 
 
 def test_parse_finds_runnable_blocks_and_their_outputs():
-    text = ("intro\n```python\nx = 1\nprint(x)\n```\n\n```text output\n1\n```\n"
-            "```python no-run\nboom()\n```\n```bash\nls\n```\n```python\ny = x\n```\n")
+    text = (
+        "intro\n```python\nx = 1\nprint(x)\n```\n\n```text output\n1\n```\n"
+        "```python no-run\nboom()\n```\n```bash\nls\n```\n```python\ny = x\n```\n"
+    )
     blocks = refresh.parse(text)
     assert [(b.line, b.source, b.output) for b in blocks] == [(3, "x = 1\nprint(x)\n", "1"), (17, "y = x\n", None)]
 
@@ -48,37 +50,43 @@ def test_parse_rejects_an_output_block_that_follows_no_python_block():
         refresh.parse("```python\nprint(1)\n```\nprose\n```text output\n1\n```\n")
 
 
-@pytest.mark.parametrize("shown, printed", [
-    ("experts [7, 3], weights [0.617, 0.383]", "experts [7, 3], weights [0.617, 0.383]"),
-    ("weights [0.617, 0.383]", "weights [0.618, 0.381]"),  # a unit or two in the last digit
-    ("loss 4.27", "loss 4.25"),
-    ("a   b\n   c 1.5e-05", "a b c 1.6e-05"),  # whitespace and line breaks are layout
-    ("48,177,356,800 parameters", "48177356800 parameters"),
-    ("reading .../tiny.json: done", "reading /tmp/tmpab12_x/tiny.json: done"),  # ... is a wildcard
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "shown, printed",
+    [
+        ("experts [7, 3], weights [0.617, 0.383]", "experts [7, 3], weights [0.617, 0.383]"),
+        ("weights [0.617, 0.383]", "weights [0.618, 0.381]"),  # a unit or two in the last digit
+        ("loss 4.27", "loss 4.25"),
+        ("a   b\n   c 1.5e-05", "a b c 1.6e-05"),  # whitespace and line breaks are layout
+        ("48,177,356,800 parameters", "48177356800 parameters"),
+        ("reading .../tiny.json: done", "reading /tmp/tmpab12_x/tiny.json: done"),  # ... is a wildcard
+        ("", ""),
+    ],
+)
 def test_outputs_match_tolerates_rounding_noise_in_the_last_digit(shown, printed):
     assert refresh.outputs_match(shown, printed) == (True, "")
 
 
-@pytest.mark.parametrize("shown, printed, why", [
-    ("weights [0.617, 0.383]", "weights [0.612, 0.383]", "shown '0.617', printed '0.612'"),  # a wrong number
-    ("weights [0.617, 0.383]", "weights [0.383, 0.617]", "shown '0.617', printed '0.383'"),
-    ("experts [7, 3]", "experts [7, 2]", "shown '3', printed '2'"),  # integers are exact
-    ("would drop 3 of 80", "would drop 3 of 81", "shown '80', printed '81'"),
-    ("<0xE4> <0xBB>", "<0xE4> <0xBC>", "shown 'xBB', printed 'xBC'"),
-    ("layer 0 loss 2.0", "layer 0 gain 2.0", "shown 'loss', printed 'gain'"),
-    ("a b", "a b c", "the printed output goes on: c"),
-    ("a b c", "a b", "the shown output goes on: c"),
-    ("x ... y 3", "x 1 2 y 4", "does not fit"),
-    ("probs [0.2, 0.5]", "probs [0.26, 0.5]", "shown '0.2', printed '0.26'"),  # a digit not shown hides drift
-    ("probs [0.0, 0.5]", "probs [0.19, 0.5]", "shown '0.0', printed '0.19'"),
-    ("weights [0.617]", "weights [0.6171]", "shown '0.617', printed '0.6171'"),  # shown to fewer digits
-    ("weights [0.62]", "weights [0.617]", "shown '0.62', printed '0.617'"),
-    ("row sums 1.0000 1.0000", "row sums 1.2000 0.8000", "shown '1.0000', printed '1.2000'"),
-    ("loss 4.27", "loss 4.30", "shown '4.27', printed '4.30'"),  # three units off
-    ("2.0 layers", "2 layers", "shown '2.0', printed '2'"),
-])
+@pytest.mark.parametrize(
+    "shown, printed, why",
+    [
+        ("weights [0.617, 0.383]", "weights [0.612, 0.383]", "shown '0.617', printed '0.612'"),  # a wrong number
+        ("weights [0.617, 0.383]", "weights [0.383, 0.617]", "shown '0.617', printed '0.383'"),
+        ("experts [7, 3]", "experts [7, 2]", "shown '3', printed '2'"),  # integers are exact
+        ("would drop 3 of 80", "would drop 3 of 81", "shown '80', printed '81'"),
+        ("<0xE4> <0xBB>", "<0xE4> <0xBC>", "shown 'xBB', printed 'xBC'"),
+        ("layer 0 loss 2.0", "layer 0 gain 2.0", "shown 'loss', printed 'gain'"),
+        ("a b", "a b c", "the printed output goes on: c"),
+        ("a b c", "a b", "the shown output goes on: c"),
+        ("x ... y 3", "x 1 2 y 4", "does not fit"),
+        ("probs [0.2, 0.5]", "probs [0.26, 0.5]", "shown '0.2', printed '0.26'"),  # a digit not shown hides drift
+        ("probs [0.0, 0.5]", "probs [0.19, 0.5]", "shown '0.0', printed '0.19'"),
+        ("weights [0.617]", "weights [0.6171]", "shown '0.617', printed '0.6171'"),  # shown to fewer digits
+        ("weights [0.62]", "weights [0.617]", "shown '0.62', printed '0.617'"),
+        ("row sums 1.0000 1.0000", "row sums 1.2000 0.8000", "shown '1.0000', printed '1.2000'"),
+        ("loss 4.27", "loss 4.30", "shown '4.27', printed '4.30'"),  # three units off
+        ("2.0 layers", "2 layers", "shown '2.0', printed '2'"),
+    ],
+)
 def test_outputs_match_catches_a_wrong_output(shown, printed, why):
     ok, message = refresh.outputs_match(shown, printed)
     assert not ok and why in message
@@ -86,8 +94,10 @@ def test_outputs_match_catches_a_wrong_output(shown, printed, why):
 
 def test_check_outputs_wants_every_print_shown_and_nothing_else():
     page = refresh.ROOT / "docs" / "example.md"  # only names the page in messages
-    text = ("```python\nprint(1)\n```\n\n```python\nx = 2\n```\n\n```text output\n2\n```\n"
-            "```python\nprint(3)\n```\n\n```text output\n3\n```\n")
+    text = (
+        "```python\nprint(1)\n```\n\n```python\nx = 2\n```\n\n```text output\n2\n```\n"
+        "```python\nprint(3)\n```\n\n```text output\n3\n```\n"
+    )
     blocks = refresh.parse(text)
     printed = refresh.run_blocks(page, blocks)
     assert printed == ["1", "", "3"]
@@ -96,8 +106,10 @@ def test_check_outputs_wants_every_print_shown_and_nothing_else():
     assert "docs/example.md:2: the block prints but shows no ```text output block" in problems[0]
     assert "docs/example.md:6: a ```text output block is shown, but the block prints nothing" in problems[1]
     fixed = refresh.with_outputs(text, blocks, printed)
-    assert fixed == ("```python\nprint(1)\n```\n\n```text output\n1\n```\n\n```python\nx = 2\n```\n"
-                     "```python\nprint(3)\n```\n\n```text output\n3\n```\n")
+    assert fixed == (
+        "```python\nprint(1)\n```\n\n```text output\n1\n```\n\n```python\nx = 2\n```\n"
+        "```python\nprint(3)\n```\n\n```text output\n3\n```\n"
+    )
     assert refresh.check_outputs(page, refresh.parse(fixed), printed) == []
 
 
@@ -112,7 +124,10 @@ def test_snippets_run_and_print_what_they_show(page):
 
 
 def test_definition_line_and_anchor_checks(tmp_path):
-    source = "import x\n\n\nclass A:\n    def f(self):\n        pass\n\n    def g(self):\n        def f():\n            pass\n\n\ndef f():\n    pass\n"
+    source = (
+        "import x\n\n\nclass A:\n    def f(self):\n        pass\n\n    def g(self):\n"
+        "        def f():\n            pass\n\n\ndef f():\n    pass\n"
+    )
     assert refresh.definition_line(source, "A") == 4
     assert refresh.definition_line(source, "f") == 13  # the top-level one
     assert refresh.definition_line(source, "A.f") == 5 and refresh.definition_line(source, "A.g") == 8
@@ -121,8 +136,10 @@ def test_definition_line_and_anchor_checks(tmp_path):
     page = tmp_path / "page.md"
     text = "[`A.g`](m.py#L8), [`f`](m.py#L3), [`A`](m.py), [the file](m.py)\n```python\n# [`f`](m.py)\n```\n"
     problems = refresh.check_anchors(page, text)
-    assert [p.split(": ", 2)[-1] for p in problems] == ["f is defined at line 13, the link says 3",
-                                                       "A is defined at line 4, the link says no line"]
+    assert [p.split(": ", 2)[-1] for p in problems] == [
+        "f is defined at line 13, the link says 3",
+        "A is defined at line 4, the link says no line",
+    ]
     assert refresh.with_anchors(page, text) == text.replace("#L3", "#L13").replace("(m.py),", "(m.py#L4),")
 
 
@@ -152,7 +169,9 @@ def heading_anchors(page: Path) -> set[str]:
 
 
 def test_heading_anchors():
-    assert {"the-real-thing-trainpy", "what-goes-wrong-without-it"} <= heading_anchors(ROOT / "docs" / "08_training.md") | heading_anchors(ROOT / "docs" / "05_moe.md")
+    assert {"the-real-thing-trainpy", "what-goes-wrong-without-it"} <= heading_anchors(
+        ROOT / "docs" / "08_training.md"
+    ) | heading_anchors(ROOT / "docs" / "05_moe.md")
 
 
 def test_index_lists_every_walkthrough_in_order():

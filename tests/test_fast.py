@@ -6,14 +6,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_moe import random_experts, routing_problems
 
 import nano_orion.fast
 from nano_orion import Orion, OrionConfig
 from nano_orion.fast import FastExperts, accelerate, grouped_mm_dtype, moe_gathered, moe_grouped_mm, moe_one_token
 from nano_orion.moe import Experts, moe_reference, route
 from nano_orion.quantize import Int8Experts, quantize_model
-
-from test_moe import random_experts, routing_problems
 
 # Whether this torch runs F.grouped_mm on the CPU (from 2.13, which make test installs; a GPU
 # machine's python may be older).
@@ -45,7 +44,9 @@ def test_grouped_mm_runs_on_this_cpu():
     """torch 2.13's CPU build has F.grouped_mm: the tests here exercise it, not only the plain blocks."""
     assert grouped_mm_dtype(torch.zeros(1, 16), 24, compiling=False) == torch.float32
     assert grouped_mm_dtype(torch.zeros(1, 16), 24, compiling=True) is None  # compiled: bf16 only
-    assert grouped_mm_dtype(torch.zeros(1, 12, dtype=torch.bfloat16), 24, compiling=False) is None  # rows not 16-byte aligned
+    assert (
+        grouped_mm_dtype(torch.zeros(1, 12, dtype=torch.bfloat16), 24, compiling=False) is None
+    )  # rows not 16-byte aligned
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert grouped_mm_dtype(torch.zeros(1, 16), 24, compiling=True) == torch.bfloat16  # autocast's dtype
 
@@ -89,7 +90,10 @@ def test_grouped_mm_on_the_gpu_with_blocks_of_any_size():
     scale = slow.abs().max().item()
     torch.testing.assert_close(fast.float().cpu(), slow, atol=0.03 * scale, rtol=0)
     probe = torch.randn(slow.shape, generator=g)
-    for a, b in zip(torch.autograd.grad((fast.float().cpu() * probe).sum(), args), torch.autograd.grad((slow * probe).sum(), ref_args)):
+    for a, b in zip(
+        torch.autograd.grad((fast.float().cpu() * probe).sum(), args),
+        torch.autograd.grad((slow * probe).sum(), ref_args),
+    ):
         torch.testing.assert_close(a.float().cpu(), b, atol=0.03 * b.abs().max().item(), rtol=0)
 
 

@@ -28,8 +28,14 @@ def kernel(x, w, expert, scale=None):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(1, 5), st.integers(1, 4), st.integers(1, 40), st.integers(1, 70), st.sampled_from(["float32", "bfloat16", "int8"]),
-       st.integers(0, 2**16))
+@given(
+    st.integers(1, 5),
+    st.integers(1, 4),
+    st.integers(1, 40),
+    st.integers(1, 70),
+    st.sampled_from(["float32", "bfloat16", "int8"]),
+    st.integers(0, 2**16),
+)
 def test_kernel_equals_reference(R, n_experts, n_out, n_in, weights, seed):
     """Any shape (blocks that overhang the matrix are masked), float or bf16 or int8 weights
     with their scales, experts repeated or not."""
@@ -75,8 +81,10 @@ def test_int8_model_decodes_the_same_through_the_kernel(name):
     with mock.patch.object(nano_orion.gemv, "use_triton", lambda x: False):  # the definition, also on a GPU
         plain = nano_orion.generate(model, prompt, 8)
 
-    with mock.patch.object(nano_orion.gemv, "use_triton", lambda x: True), \
-            mock.patch.object(nano_orion.gemv, "expert_gemv_reference", no_reference):
+    with (
+        mock.patch.object(nano_orion.gemv, "use_triton", lambda x: True),
+        mock.patch.object(nano_orion.gemv, "expert_gemv_reference", no_reference),
+    ):
         through_kernel = nano_orion.generate(model, prompt, 8)
     assert torch.equal(through_kernel, plain)
 
@@ -93,7 +101,9 @@ def test_the_custom_ops_registration(weights):
     elif weights == "int8":  # int8 weights, bf16 activations and scales: a quantized bf16 model
         w, scale = quantize_int8(w.bfloat16())
         x = x.bfloat16()
-    torch.library.opcheck(torch.ops.nano_orion.expert_gemv, [t if t is None else t.to(DEVICE) for t in (x, w, expert, scale)])
+    torch.library.opcheck(
+        torch.ops.nano_orion.expert_gemv, [t if t is None else t.to(DEVICE) for t in (x, w, expert, scale)]
+    )
 
 
 @pytest.mark.parametrize("weights", ["float32", "int8"])

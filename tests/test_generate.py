@@ -37,7 +37,9 @@ def test_cli_greedy_reproduces_reference(capsys, name):
     ref = reference(name)
     tok = nano_orion.Tokenizer.from_dir(FIXTURES / name)
     ids = ",".join(str(i) for i in ref["prompt_ids"][0].tolist())
-    out = run_cli(capsys, "--ckpt", str(FIXTURES / name), "--prompt-ids", ids, "--temperature", "0", "--max-new-tokens", "24")
+    out = run_cli(
+        capsys, "--ckpt", str(FIXTURES / name), "--prompt-ids", ids, "--temperature", "0", "--max-new-tokens", "24"
+    )
     assert out.out == tok.decode(ref["greedy_ids"][0].tolist()) + "\n"
     assert "prompt tokens 12" in out.err and "tok/s" in out.err
 
@@ -55,7 +57,16 @@ def test_cli_reads_nano_orion_checkpoints(tmp_path, capsys):
 
 
 def test_cli_same_seed_same_text(capsys):
-    args = ["--ckpt", str(FIXTURES / "orion-mini-rmsnorm"), "--prompt", "expert", "--max-new-tokens", "16", "--num-samples", "2"]
+    args = [
+        "--ckpt",
+        str(FIXTURES / "orion-mini-rmsnorm"),
+        "--prompt",
+        "expert",
+        "--max-new-tokens",
+        "16",
+        "--num-samples",
+        "2",
+    ]
     first = run_cli(capsys, *args, "--seed", "3").out
     assert first == run_cli(capsys, *args, "--seed", "3").out
     assert first != run_cli(capsys, *args, "--seed", "4").out
@@ -71,7 +82,9 @@ def cli_error(capsys, *argv) -> str:
     return usage_error(capsys, generate_cli.main, argv)
 
 
-@pytest.mark.parametrize("files, message", [(None, "no such folder"), ((), "no config.json"), (("config.json",), "no tokenizer.model")])
+@pytest.mark.parametrize(
+    "files, message", [(None, "no such folder"), ((), "no config.json"), (("config.json",), "no tokenizer.model")]
+)
 def test_cli_bad_checkpoint_gives_one_line_error(tmp_path, capsys, files, message):
     ckpt = tmp_path / "missing" if files is None else tmp_path
     copy_fixture_files(tmp_path, *(files or ()))
@@ -92,8 +105,14 @@ def test_cli_missing_prompt_file(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "flag, value, allowed",
-    [("--top-p", "0", "in (0, 1]"), ("--top-p", "1.5", "in (0, 1]"), ("--temperature", "-1", "0 (greedy) or more"),
-     ("--top-k", "-1", "0 (off) or more"), ("--repetition-penalty", "0", "above 0"), ("--max-new-tokens", "0", "at least 1")],
+    [
+        ("--top-p", "0", "in (0, 1]"),
+        ("--top-p", "1.5", "in (0, 1]"),
+        ("--temperature", "-1", "0 (greedy) or more"),
+        ("--top-k", "-1", "0 (off) or more"),
+        ("--repetition-penalty", "0", "above 0"),
+        ("--max-new-tokens", "0", "at least 1"),
+    ],
 )
 def test_cli_sampling_setting_out_of_range(capsys, flag, value, allowed):
     last = cli_error(capsys, "--ckpt", "unused", "--prompt", "hi", flag, value)  # refused before the checkpoint is read

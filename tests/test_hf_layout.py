@@ -126,7 +126,9 @@ def test_export_of_a_trained_rmsnorm_model_loads_in_transformers(tmp_path):
     """As Mixtral, through AutoModelForCausalLM and without remote code."""
     from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
-    config = nano_orion.OrionConfig.preset("toy", norm_type="rmsnorm", vocab_size=300, dim=64, n_layers=2, ffn_dim=48, max_seq_len=64)
+    config = nano_orion.OrionConfig.preset(
+        "toy", norm_type="rmsnorm", vocab_size=300, dim=64, n_layers=2, ffn_dim=48, max_seq_len=64
+    )
     torch.manual_seed(0)
     model = nano_orion.Orion(config).eval()
     with torch.no_grad():
@@ -138,8 +140,9 @@ def test_export_of_a_trained_rmsnorm_model_loads_in_transformers(tmp_path):
     nano_orion.save(model, tmp_path / "nano")
     export_hf(tmp_path / "nano", tmp_path / "hf")
 
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager",
-                                              trust_remote_code=False).eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, attn_implementation="eager", trust_remote_code=False
+    ).eval()
     assert type(hf) is MixtralForCausalLM
     idx = torch.randint(0, config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

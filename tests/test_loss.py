@@ -32,8 +32,15 @@ def value_and_grads(loss_fn, h, w, y, upstream=1.0):
 
 
 @settings(max_examples=60, deadline=None)
-@given(N=st.integers(1, 40), dim=st.integers(1, 12), vocab=st.integers(1, 50), chunk=st.integers(1, 17),
-       seed=st.integers(0, 2**16), scale=st.sampled_from([0.1, 1.0, 30.0]), upstream=st.sampled_from([1.0, -2.5]))
+@given(
+    N=st.integers(1, 40),
+    dim=st.integers(1, 12),
+    vocab=st.integers(1, 50),
+    chunk=st.integers(1, 17),
+    seed=st.integers(0, 2**16),
+    scale=st.sampled_from([0.1, 1.0, 30.0]),
+    upstream=st.sampled_from([1.0, -2.5]),
+)
 def test_value_and_gradients_equal_cross_entropy_of_the_logits(N, dim, vocab, chunk, seed, scale, upstream):
     """Any number of positions, chunk sizes that do and do not divide it, logits from small to
     large (30 x: rows whose exp would overflow without the max shift), and a backward pass
@@ -60,11 +67,16 @@ def test_without_gradients_only_the_value_is_computed():
     assert got.grad_fn is None
 
 
-@pytest.mark.parametrize("device, N, vocab, chunk", [
-    ("cpu", 300, 500, 64),
-    # a GPU's chunks (4096 positions), the second one partial
-    pytest.param("cuda", 5000, 3000, None, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
-])
+@pytest.mark.parametrize(
+    "device, N, vocab, chunk",
+    [
+        ("cpu", 300, 500, 64),
+        # a GPU's chunks (4096 positions), the second one partial
+        pytest.param(
+            "cuda", 5000, 3000, None, marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+        ),
+    ],
+)
 def test_under_bf16_autocast_it_matches_autocasts_own_linear_and_cross_entropy(device, N, vocab, chunk):
     """Matmuls in bf16, softmax in float32, gradients in the inputs' dtype, as autocast does
     for F.linear followed by F.cross_entropy."""
@@ -109,7 +121,9 @@ def test_no_tensor_of_all_the_logits_is_ever_made():
     assert chunked.largest == chunk * vocab
 
 
-@pytest.mark.parametrize("needs, mm_per_chunk", [((False, False), 1), ((True, False), 2), ((False, True), 2), ((True, True), 3)])
+@pytest.mark.parametrize(
+    "needs, mm_per_chunk", [((False, False), 1), ((True, False), 2), ((False, True), 2), ((True, True), 3)]
+)
 def test_only_the_gradients_asked_for_are_computed(needs, mm_per_chunk):
     """One matmul per chunk for the logits, and one more for each gradient wanted: evaluation
     (no gradients) and a frozen output layer (no gradient for w) do no wasted work."""

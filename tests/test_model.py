@@ -61,10 +61,17 @@ def code_only(path: Path) -> str:
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
             first = node.body[0]
-            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
                 docstrings.add((first.lineno, first.col_offset))
-    kept = [(t.type, t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline)
-            if t.type != tokenize.COMMENT and not (t.type == tokenize.STRING and t.start in docstrings)]
+    kept = [
+        (t.type, t.string)
+        for t in tokenize.generate_tokens(io.StringIO(source).readline)
+        if t.type != tokenize.COMMENT and not (t.type == tokenize.STRING and t.start in docstrings)
+    ]
     return tokenize.untokenize(kept)
 
 
@@ -72,7 +79,14 @@ def code_only(path: Path) -> str:
 def test_the_lesson_knows_nothing_of_hardware(name):
     """rope, attention, model and moe: no probing of compilers, GPUs or torch versions, no kernels."""
     code = code_only(PACKAGE / name)
-    for word in ("is_compiling", "torch._dynamo", "_dynamo", "get_device_capability", "torch.__version__", "__version__"):
+    for word in (
+        "is_compiling",
+        "torch._dynamo",
+        "_dynamo",
+        "get_device_capability",
+        "torch.__version__",
+        "__version__",
+    ):
         assert word not in code, f"{name} uses {word}"
     for node in ast.walk(ast.parse(code)):
         if isinstance(node, ast.Import):
@@ -100,4 +114,6 @@ def test_forward_returns_logits_and_loss_is_its_own_method():
     assert model(idx, last_only=True).shape == (2, 1, 4096)
     loss = model.loss(idx[:, :-1], idx[:, 1:])
     assert loss.shape == () and loss.dtype == torch.float32
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()))
+    torch.testing.assert_close(
+        loss, torch.nn.functional.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+    )

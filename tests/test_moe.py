@@ -87,8 +87,7 @@ def test_reference_loop_matches_a_per_token_formula():
     y = moe_reference(x, weights, experts, w1, w3, w2)
     for n in range(N):
         expected = sum(
-            weights[n, j] * (w2[e] @ (F.silu(w1[e] @ x[n]) * (w3[e] @ x[n])))
-            for j, e in enumerate(experts[n].tolist())
+            weights[n, j] * (w2[e] @ (F.silu(w1[e] @ x[n]) * (w3[e] @ x[n]))) for j, e in enumerate(experts[n].tolist())
         )
         torch.testing.assert_close(y[n], expected, atol=1e-4, rtol=1e-5)
 

@@ -19,7 +19,10 @@ def test_load_splits_layers_over_a_list_of_devices(tmp_path, monkeypatch):
     model = small_model("rmsnorm")
     nano_orion.save(model, tmp_path)
     plans = []
-    monkeypatch.setattr("nano_orion.placement.plan_placement", lambda sizes, capacities: plans.append(plan_placement(sizes, capacities)) or plans[-1])
+    monkeypatch.setattr(
+        "nano_orion.placement.plan_placement",
+        lambda sizes, capacities: plans.append(plan_placement(sizes, capacities)) or plans[-1],
+    )
     split, _ = nano_orion.load(tmp_path, device=["cpu", "cpu"])
     assert plans == [[0, 0, 0, 1, 1]]  # embed, layers 0-2, norm + head: first half on device 0
     idx = torch.randint(0, 100, (1, 7))
@@ -34,7 +37,11 @@ def test_load_places_a_split_model_with_hooks(tmp_path, monkeypatch):
     assert not any(m._forward_pre_hooks for m in plain.modules())
 
     def head_on_meta(config, shapes, device, dtype):
-        return {**placement(config, shapes, "cpu", dtype), "norm": torch.device("meta"), "lm_head": torch.device("meta")}
+        return {
+            **placement(config, shapes, "cpu", dtype),
+            "norm": torch.device("meta"),
+            "lm_head": torch.device("meta"),
+        }
 
     monkeypatch.setattr(checkpoint, "placement", head_on_meta)
     split, _ = nano_orion.load(tmp_path)

@@ -41,7 +41,9 @@ def test_int8_experts_compute_the_mixture_of_their_dequantized_weights(N):
     w = [dequantize(getattr(int8, n), getattr(int8, "scale_" + n), torch.float32) for n in ("w1", "w3", "w2")]
     expected = moe_reference(x, weights, experts, *w)
     torch.testing.assert_close(int8(x, weights, experts), expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(int8(x, weights, experts), moe.experts(x, weights, experts), atol=0.1 * expected.abs().max().item(), rtol=0)
+    torch.testing.assert_close(
+        int8(x, weights, experts), moe.experts(x, weights, experts), atol=0.1 * expected.abs().max().item(), rtol=0
+    )
 
 
 @pytest.fixture(scope="module", params=FIXTURE_NAMES)
@@ -89,6 +91,7 @@ def test_greedy_agreement(models):
 
 def test_memory_is_about_a_quarter_of_float32(models):
     """Everything but the embedding table (kept in high precision) and the RoPE tables."""
+
     def nbytes(m):
         tensors = [*m.named_parameters(), *m.named_buffers()]
         return sum(t.numel() * t.element_size() for n, t in tensors if not n.startswith(("embed", "rope")))
@@ -103,6 +106,19 @@ def test_cli_int8_greedy(capsys):
     name = "orion-mini-rmsnorm"
     ref = reference(name)
     ids = ",".join(str(i) for i in ref["prompt_ids"][0].tolist())
-    generate_cli.main(["--ckpt", str(FIXTURES / name), "--prompt-ids", ids, "--temperature", "0", "--max-new-tokens", "24", "--quantize", "int8"])
+    generate_cli.main(
+        [
+            "--ckpt",
+            str(FIXTURES / name),
+            "--prompt-ids",
+            ids,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+            "--quantize",
+            "int8",
+        ]
+    )
     tok = nano_orion.Tokenizer.from_dir(FIXTURES / name)
     assert capsys.readouterr().out == tok.decode(ref["greedy_ids"][0].tolist()) + "\n"

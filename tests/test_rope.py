@@ -24,13 +24,17 @@ def test_rotation_preserves_norms(head_dim, seed, theta):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.sampled_from([2, 8, 64]), st.integers(0, 2**16), st.integers(0, 400), st.integers(0, 400), st.integers(0, 100))
+@given(
+    st.sampled_from([2, 8, 64]), st.integers(0, 2**16), st.integers(0, 400), st.integers(0, 400), st.integers(0, 100)
+)
 def test_dot_product_depends_only_on_position_difference(head_dim, seed, m, n, shift):
     cos, sin = rope_cos_sin(head_dim, 512, 1e6)
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(1, 1, 1, head_dim, generator=g), torch.randn(1, 1, 1, head_dim, generator=g)
+
     def score(a, b):
         return (rotate(q, torch.tensor([a]), cos, sin) * rotate(k, torch.tensor([b]), cos, sin)).sum()
+
     torch.testing.assert_close(score(m, n), score(m + shift, n + shift), rtol=1e-4, atol=1e-4)
 
 

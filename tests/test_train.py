@@ -33,9 +33,29 @@ def tiny_run(tmp_path, corpus, out, *extra):
     """Command line for a tiny model (TINY, 320-piece vocabulary) on `corpus`, logging every step."""
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
-    return ["--config", str(config), "--data", str(corpus), "--data-dir", str(tmp_path / "data"), "--out-dir", str(out),
-            "--vocab-size", "320", "--batch-size", "8", "--block-size", "32", "--log-interval", "1",
-            "--eval-iters", "2", "--device", "cpu", *extra]
+    return [
+        "--config",
+        str(config),
+        "--data",
+        str(corpus),
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out-dir",
+        str(out),
+        "--vocab-size",
+        "320",
+        "--batch-size",
+        "8",
+        "--block-size",
+        "32",
+        "--log-interval",
+        "1",
+        "--eval-iters",
+        "2",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -45,15 +65,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The Zen of Python (tests/corpus/zen.txt), repeated to the 32 kB a 320-piece tokenizer needs: easy to memorise."""
-    zen = (ROOT / "tests" / "corpus" / "zen.txt").read_text().rstrip("\n")
-    path = tmp_path_factory.mktemp("corpus") / "zen.txt"
-    path.write_text((zen + "\n\n") * 40)
-    return path
 
 
 def read_log(out):
@@ -79,9 +90,19 @@ def test_weight_decay_on_matrices_and_stacked_experts_only():
     ids = {id(p) for p in decay["params"]}
     names = {n for n, p in model.named_parameters() if id(p) in ids}
     expected = {"embed.weight", "lm_head.weight"} | {
-        f"layers.{i}.{w}" for i in range(2)
-        for w in ("attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight",
-                  "moe.router.weight", "moe.experts.w1", "moe.experts.w2", "moe.experts.w3")}
+        f"layers.{i}.{w}"
+        for i in range(2)
+        for w in (
+            "attn.wq.weight",
+            "attn.wk.weight",
+            "attn.wv.weight",
+            "attn.wo.weight",
+            "moe.router.weight",
+            "moe.experts.w1",
+            "moe.experts.w2",
+            "moe.experts.w3",
+        )
+    }
     assert names == expected
     no_decay_names = {n for n, p in model.named_parameters() if id(p) not in ids}
     assert no_decay_names and all("norm" in n for n in no_decay_names)
@@ -114,8 +135,21 @@ def overfit(tmp_path_factory, corpus):
     torch.set_num_threads(1)
     try:
         with contextlib.redirect_stdout(said):
-            train.main(tiny_run(tmp_path, corpus, out, "--max-iters", "120", "--eval-interval", "60", "--lr", "1e-2",
-                                "--warmup-iters", "10"))
+            train.main(
+                tiny_run(
+                    tmp_path,
+                    corpus,
+                    out,
+                    "--max-iters",
+                    "120",
+                    "--eval-interval",
+                    "60",
+                    "--lr",
+                    "1e-2",
+                    "--warmup-iters",
+                    "10",
+                )
+            )
     finally:
         torch.set_num_threads(threads)
     return out, said.getvalue()
@@ -141,7 +175,9 @@ def test_tiny_model_overfits_tiny_corpus_and_logs(overfit):
         # routed shares and the mean router probabilities need not line up
         assert 1.9 < r["aux_loss"] < 3
         assert r["tokens_per_s"] > 0 and r["mfu"] is None  # a CPU has no known peak, and none was given
-        assert len(r["expert_load"]) == 2 and all(len(row) == 4 and abs(sum(row) - 1) < 1e-5 for row in r["expert_load"])
+        assert len(r["expert_load"]) == 2 and all(
+            len(row) == 4 and abs(sum(row) - 1) < 1e-5 for row in r["expert_load"]
+        )
     assert steps[-1]["lr"] == pytest.approx(1e-3)  # the cosine ends at 10% of --lr
     assert "MFU n/a: no known peak for cpu; pass --peak-tflops" in said
 
@@ -152,16 +188,38 @@ def test_chat_with_the_trained_model(overfit):
     on the history that fits, with the same draws."""
     out, _ = overfit
     script = "Beautiful is\nExplicit is\n/reset\nSimple is\n/exit\nnever read\n"
-    run = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--ckpt", str(out), "--chat", "--device", "cpu",
-                          "--max-new-tokens", "16", "--seed", "0"], input=script, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "generate.py"),
+            "--ckpt",
+            str(out),
+            "--chat",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "16",
+            "--seed",
+            "0",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
-    assert run.stderr == ("[dropped the oldest turn to fit the model's max_seq_len 64 with room for 16 new tokens]\n"
-                          "[conversation reset]\n")
+    assert run.stderr == (
+        "[dropped the oldest turn to fit the model's max_seq_len 64 with room for 16 new tokens]\n"
+        "[conversation reset]\n"
+    )
     model, tokenizer = nano_orion.load(out)
     generator = torch.Generator().manual_seed(0)
-    first, second, third = (nano_orion.chat(model, tokenizer, [{"role": "user", "content": text}], ORION_DEMO,
-                                            max_new_tokens=16, generator=generator)
-                            for text in ("Beautiful is", "Explicit is", "Simple is"))  # alone: the first turn was dropped
+    first, second, third = (
+        nano_orion.chat(
+            model, tokenizer, [{"role": "user", "content": text}], ORION_DEMO, max_new_tokens=16, generator=generator
+        )
+        for text in ("Beautiful is", "Explicit is", "Simple is")
+    )  # alone: the first turn was dropped
     assert all(reply.strip() for reply in (first, second, third))  # the toy model's words, however loosely strung
     assert run.stdout == f"you> {first}\nyou> {second}\nyou> you> {third}\nyou> "
 
@@ -174,7 +232,9 @@ def test_resume_continues_exactly(tmp_path, corpus):
     split = tmp_path / "split"
     train.main(tiny_run(tmp_path, corpus, split, *common[2:], "--max-iters", "3", "--lr-decay-iters", "6"))
     # --resume takes the run's settings from the checkpoint: only the longer --max-iters is given
-    model = train.main(["--resume", "--out-dir", str(split), "--max-iters", "6", "--device", "cpu", "--peak-tflops", "0.1"])
+    model = train.main(
+        ["--resume", "--out-dir", str(split), "--max-iters", "6", "--device", "cpu", "--peak-tflops", "0.1"]
+    )
 
     def without_timing(log):  # nor the folder, which differs
         return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "seconds", "folder")} for r in log]
@@ -188,7 +248,9 @@ def test_resume_continues_exactly(tmp_path, corpus):
 
 def test_bad_data_path_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        train.main(["--data", str(tmp_path / "missing.txt"), "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path)])
+        train.main(
+            ["--data", str(tmp_path / "missing.txt"), "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path)]
+        )
     assert "missing.txt: no such file or folder" in capsys.readouterr().err
 
 
@@ -258,8 +320,15 @@ def test_a_save_swaps_whole_checkpoints_and_keeps_the_log(tmp_path, monkeypatch)
     assert swapped == [True]  # one system call on Linux: the folder was never missing
     assert_readers_see(out, second, 2)
     assert (out / "log.jsonl").read_text() == '{"step": 1}\n' and (out / "log.jsonl").stat().st_ino == log_inode
-    assert sorted(p.name for p in out.iterdir()) == [train.LOCK, "config.json", "log.jsonl", "model.safetensors",
-                                                     "tokenizer.model", "tokenizer_config.json", "train_state.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        train.LOCK,
+        "config.json",
+        "log.jsonl",
+        "model.safetensors",
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "train_state.pt",
+    ]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -268,7 +337,9 @@ def test_resume_reads_sharded_checkpoints(tmp_path, monkeypatch):
     config = OrionConfig.preset("toy", **TINY, vocab_size=64)
     model = Orion(config)
     optimizer = torch.optim.AdamW(train.param_groups(model, 0.1))
-    train.losses(train.NextTokenLoss(model), model, torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))[0].backward()
+    train.losses(train.NextTokenLoss(model), model, torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))[
+        0
+    ].backward()
     optimizer.step()
     (tmp_path / "tok.model").write_bytes(b"any")
     monkeypatch.setattr(train, "MAX_SHARD_BYTES", 100_000)  # what a model over 5 GB gets: shards + index
@@ -339,20 +410,25 @@ def test_fsdp_without_torchrun_is_a_clear_error(capsys, monkeypatch):
 def test_a_second_run_on_a_live_folder_is_refused_and_a_killed_run_holds_nothing(tmp_path, corpus, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    holder = ("import fcntl, os, sys, time\n"  # what a live train.py does with OUT_DIR/.lock
-              f"fd = os.open({str(out / train.LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
-              "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-              "os.write(fd, b'process 4242 on elsewhere')\n"
-              "print('holding', flush=True)\n"
-              "time.sleep(600)\n")
+    holder = (
+        "import fcntl, os, sys, time\n"  # what a live train.py does with OUT_DIR/.lock
+        f"fd = os.open({str(out / train.LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, b'process 4242 on elsewhere')\n"
+        "print('holding', flush=True)\n"
+        "time.sleep(600)\n"
+    )
     child = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline() == "holding\n"
         run = tiny_run(tmp_path, corpus, out, "--max-iters", "2", "--eval-interval", "2")
         assert usage_error(capsys, train.main, run) == (
             f"train.py: error: --out-dir {out} is in use by a running train.py (process 4242 on elsewhere); "
-            "wait for it to end, or choose another --out-dir")
-        assert usage_error(capsys, train.main, run + ["--resume"]).startswith(f"train.py: error: --out-dir {out} is in use")
+            "wait for it to end, or choose another --out-dir"
+        )
+        assert usage_error(capsys, train.main, run + ["--resume"]).startswith(
+            f"train.py: error: --out-dir {out} is in use"
+        )
     finally:
         child.kill()  # SIGKILL: no cleanup runs, and the system releases the lock
         child.wait()
@@ -369,7 +445,8 @@ def test_a_new_run_refuses_another_runs_folder_unless_told(tmp_path, corpus, cap
     capsys.readouterr()
     assert usage_error(capsys, train.main, run) == (
         f"train.py: error: --out-dir {out} holds a checkpoint and log.jsonl of another run; continue it with --resume, "
-        "start over with --overwrite (deletes them), or choose another --out-dir")
+        "start over with --overwrite (deletes them), or choose another --out-dir"
+    )
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     train.main(run + ["--overwrite", "--seed", "1"])
     assert f"--overwrite: deleted a checkpoint and log.jsonl of the run in {out}" in capsys.readouterr().out
@@ -382,19 +459,28 @@ def test_resume_takes_the_runs_settings_refuses_changes_and_says_what_a_longer_r
     train.main(tiny_run(tmp_path, corpus, out, "--max-iters", "4", "--eval-interval", "2", "--warmup-iters", "2"))
     capsys.readouterr()
     resume = ["--resume", "--out-dir", str(out), "--device", "cpu"]
-    for flag, value, saved in [("--lr", "1e-2", "0.003"), ("--seed", "1", "0"), ("--batch-size", "4", "8"),
-                               ("--warmup-iters", "3", "2")]:
+    for flag, value, saved in [
+        ("--lr", "1e-2", "0.003"),
+        ("--seed", "1", "0"),
+        ("--batch-size", "4", "8"),
+        ("--warmup-iters", "3", "2"),
+    ]:
         assert usage_error(capsys, train.main, resume + ["--max-iters", "6", flag, value]) == (
-            f"train.py: error: --resume: {flag} {float(value) if '.' in saved else value} differs from the run's {saved}, "
+            f"train.py: error: --resume: {flag} {float(value) if '.' in saved else value} differs from the run's "
+            f"{saved}, "
             f"and a resumed run keeps its data, model and schedule; leave out {flag}, or start a new run "
-            "(--overwrite, or another --out-dir)")
+            "(--overwrite, or another --out-dir)"
+        )
     assert usage_error(capsys, train.main, resume) == (
         f"train.py: error: --resume: the run in {out} already reached step 4 of --max-iters 4; "
-        "pass a larger --max-iters to train on")
+        "pass a larger --max-iters to train on"
+    )
     train.main(resume + ["--max-iters", "6", "--batch-size", "8"])  # a flag given with the run's own value is fine
     said = capsys.readouterr().out
-    assert ("--resume: --max-iters 6 (the run had 4): the learning rate's cosine ends at step 4 (--lr-decay-iters), "
-            "so the steps after it run at its floor, 10% of --lr") in said
+    assert (
+        "--resume: --max-iters 6 (the run had 4): the learning rate's cosine ends at step 4 (--lr-decay-iters), "
+        "so the steps after it run at its floor, 10% of --lr"
+    ) in said
     lrs = {r["step"]: r["lr"] for r in read_log(out) if r["kind"] == "train"}
     assert list(lrs) == [1, 2, 3, 4, 5, 6] and lrs[4] == lrs[5] == lrs[6] == pytest.approx(3e-4)
     assert lrs[2] == pytest.approx(3e-3)  # the run's own 2 warm-up steps, not the default 50
@@ -426,7 +512,8 @@ def test_ctrl_c_saves_the_step_reached_and_resume_continues_exactly(tmp_path, co
             train.main(tiny_run(tmp_path, corpus, out, *common))
     assert exit.value.code == 130
     assert one_line_error(capsys.readouterr().err) == (
-        f"train.py: interrupted at step 3; saved step 3 in {out}; to continue: python train.py --resume --out-dir {out}")
+        f"train.py: interrupted at step 3; saved step 3 in {out}; to continue: python train.py --resume --out-dir {out}"
+    )
     assert train.read_train_state(out)["step"] == 3 and [r["step"] for r in read_log(out)] == [1, 2, 3, 3]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is itself again
     model = train.main(["--resume", "--out-dir", str(out), "--device", "cpu"])
@@ -448,49 +535,71 @@ def test_ctrl_c_before_training_is_one_line(tmp_path, corpus, capsys, monkeypatc
         train.main(tiny_run(tmp_path, corpus, out))
     assert exit.value.code == 130 and one_line_error(capsys.readouterr().err) == (
         f"train.py: interrupted; {out} keeps its last checkpoint, if any "
-        f"(to continue from it: python train.py --resume --out-dir {out})")
+        f"(to continue from it: python train.py --resume --out-dir {out})"
+    )
 
 
 @pytest.mark.parametrize("fault", ["no room", "write error"])
-def test_a_full_disk_at_a_save_is_one_line_and_loses_neither_checkpoint_nor_log(tmp_path, corpus, capsys, monkeypatch,
-                                                                                fault):
+def test_a_full_disk_at_a_save_is_one_line_and_loses_neither_checkpoint_nor_log(
+    tmp_path, corpus, capsys, monkeypatch, fault
+):
     out = tmp_path / "out"
     train.main(tiny_run(tmp_path, corpus, out, "--max-iters", "2", "--eval-interval", "2"))
     before = {f.name: f.read_bytes() for f in out.iterdir() if f.name != "log.jsonl"}
     capsys.readouterr()
     if fault == "no room":  # the check before a save
         monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
-        problem = r"the checkpoint needs about \d+\.\d MB and the disk has 0\.0 MB free; free some space or choose another folder"
+        problem = (
+            r"the checkpoint needs about \d+\.\d MB and the disk has 0\.0 MB free; free some space or choose "
+            r"another folder"
+        )
     else:  # a disk that fills up during the save: torch.save's error says nothing of space
+
         def disk_full(*args):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3072 vs 2966")
 
         monkeypatch.setattr(torch, "save", disk_full)
-        problem = (r"writing the checkpoint failed \(\[enforce fail at inline_container.cc:672\] . unexpected pos 3072 "
-                   r"vs 2966\); the previous checkpoint is unchanged")
+        problem = (
+            r"writing the checkpoint failed \(\[enforce fail at inline_container.cc:672\] . unexpected pos 3072 "
+            r"vs 2966\); the previous checkpoint is unchanged"
+        )
     with pytest.raises(SystemExit) as exit:
         train.main(["--resume", "--out-dir", str(out), "--max-iters", "4", "--device", "cpu"])
     assert exit.value.code == 1
-    assert re.fullmatch(f"train.py: error: {re.escape(str(out))}: {problem}; {re.escape(str(out))} keeps its last "
-                        rf"checkpoint, if any \(to continue from it: python train.py --resume --out-dir {re.escape(str(out))}\)",
-                        one_line_error(capsys.readouterr().err))
+    assert re.fullmatch(
+        f"train.py: error: {re.escape(str(out))}: {problem}; {re.escape(str(out))} keeps its last "
+        rf"checkpoint, if any \(to continue from it: python train.py --resume --out-dir {re.escape(str(out))}\)",
+        one_line_error(capsys.readouterr().err),
+    )
     assert {f.name: f.read_bytes() for f in out.iterdir() if f.name != "log.jsonl"} == before
     assert [(r["kind"], r["step"]) for r in read_log(out)] == [
-        ("train", 1), ("train", 2), ("eval", 2), ("save", 2), ("train", 3), ("train", 4), ("eval", 4)]
+        ("train", 1),
+        ("train", 2),
+        ("eval", 2),
+        ("save", 2),
+        ("train", 3),
+        ("train", 4),
+        ("eval", 4),
+    ]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
-    (["--lr", "nan"], "--lr must be a positive number, got nan"),
-    (["--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1.0"),
-    (["--lr-decay-iters", "5", "--warmup-iters", "10"],
-     "--lr-decay-iters 5 is below --warmup-iters 10: the cosine would end before the warm-up does; give it at least "
-     "the warm-up's length (default: --max-iters)"),
-    (["--threads", "0"], "--threads must be at least 1, got 0"),
-    (["--peak-tflops", "0"], "--peak-tflops must be a positive number, got 0.0"),
-    (["--resume", "--overwrite"], "--resume continues the run in --out-dir and --overwrite deletes it; choose one"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+        (["--lr", "nan"], "--lr must be a positive number, got nan"),
+        (["--weight-decay", "-1"], "--weight-decay must be 0 or more, got -1.0"),
+        (
+            ["--lr-decay-iters", "5", "--warmup-iters", "10"],
+            "--lr-decay-iters 5 is below --warmup-iters 10: the cosine would end before the warm-up does; "
+            "give it at least the warm-up's length (default: --max-iters)",
+        ),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--peak-tflops", "0"], "--peak-tflops must be a positive number, got 0.0"),
+        (["--resume", "--overwrite"], "--resume continues the run in --out-dir and --overwrite deletes it; choose one"),
+    ],
+)
 def test_bad_values_are_one_line_usage_errors(capsys, flags, message):
     assert usage_error(capsys, train.main, flags) == f"train.py: error: {message}"
 
@@ -499,19 +608,23 @@ def test_unusable_folders_are_one_line_usage_errors(tmp_path, corpus, capsys, mo
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     assert usage_error(capsys, train.main, tiny_run(tmp_path, corpus, a_file)) == (
-        f"train.py: error: --out-dir {a_file}: a file, not a folder; choose another --out-dir")
+        f"train.py: error: --out-dir {a_file}: a file, not a folder; choose another --out-dir"
+    )
     assert usage_error(capsys, train.main, tiny_run(tmp_path, corpus, a_file / "out")) == (
-        f"train.py: error: --out-dir {a_file / 'out'}: cannot create it (Not a directory); choose another --out-dir")
+        f"train.py: error: --out-dir {a_file / 'out'}: cannot create it (Not a directory); choose another --out-dir"
+    )
     out = tmp_path / "out"
     assert usage_error(capsys, train.main, tiny_run(tmp_path, corpus, out) + ["--data-dir", str(a_file / "data")]) == (
         f"train.py: error: --data-dir {a_file / 'data'}: cannot write the prepared data there (Not a directory); "
-        "choose another --data-dir")
+        "choose another --data-dir"
+    )
     read_only = tmp_path / "read-only"
     read_only.mkdir()
     access = os.access  # the tests may run as root, whom permissions do not stop: the check is what is tested
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != read_only and access(path, mode))
     assert usage_error(capsys, train.main, tiny_run(tmp_path, corpus, read_only)) == (
-        f"train.py: error: --out-dir {read_only}: not writable; choose another --out-dir, or make it writable")
+        f"train.py: error: --out-dir {read_only}: not writable; choose another --out-dir, or make it writable"
+    )
 
 
 @pytest.mark.parametrize("damaged", ["train_state.pt", "model.safetensors"])
@@ -522,8 +635,10 @@ def test_resume_from_a_truncated_checkpoint_is_one_line(tmp_path, corpus, capsys
     path = out / damaged
     path.write_bytes(path.read_bytes()[:2000])
     err = usage_error(capsys, train.main, ["--resume", "--out-dir", str(out), "--max-iters", "4"])
-    advice = {"train_state.pt": f"resume from an earlier copy of {out}, or start over with --overwrite",
-              "model.safetensors": "train.py wrote this folder: resume from an earlier copy of it, or train again"}
+    advice = {
+        "train_state.pt": f"resume from an earlier copy of {out}, or start over with --overwrite",
+        "model.safetensors": "train.py wrote this folder: resume from an earlier copy of it, or train again",
+    }
     assert err.startswith(f"train.py: error: --resume: {path}") and "truncated or corrupt (" in err
     assert err.endswith(advice[damaged])
 

@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 
 import nano_orion
 import train
-from test_train import corpus, one_thread, read_log, tiny_run  # noqa: F401  (fixtures)
+
+from test_train import one_thread, read_log, tiny_run  # noqa: F401  (one_thread: a fixture)
 
 STEPS = ["--max-iters", "4", "--eval-interval", "4", "--warmup-iters", "2", "--lr", "1e-2", "--peak-tflops", "0.1"]
 
@@ -23,8 +24,9 @@ def free_port() -> int:
 
 def worker(rank, world, port, argv, result_dir):
     """One torchrun-like process: the environment torchrun would set, then train.main."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     model = train.main(argv)
     if "--fsdp" not in argv:  # a DDP replica; FSDP shards are only whole in rank 0's checkpoint
