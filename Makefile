@@ -6,6 +6,7 @@
 #   make figures   redraw docs/figures/*.png from the code and the committed runs in docs/runs/
 #   make docs-runs replace docs/runs/ with make demo's and make collapse-demo's runs, and redraw
 #   make docs-model      retrain docs/trained/, the small model walkthroughs 4 and 7 show (a minute)
+#   make experiments     walkthrough 11's dense-versus-MoE runs (about 20 minutes), after make demo
 #   make collapse-demo   the demo's run again without the load-balancing loss (docs/05_moe.md)
 #   make docs-refresh    rewrite the docs' shown outputs and code-link line numbers from the code
 #
@@ -26,7 +27,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo collapse-demo bench figures docs-runs docs-model docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
+.PHONY: install test demo collapse-demo bench figures docs-runs docs-model experiments docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
 
 install: $(VENV)/.installed
 	@made_with="$$(cat $(VENV)/.installed)"; if [ "$$made_with" != '$(TORCH)' ]; then \
@@ -86,6 +87,15 @@ docs-model: install
 		--max-iters 600 --eval-interval 200 --eval-iters 4 --log-interval 50 --device cpu --threads 1 --overwrite
 	cp $(DOCS_MODEL_OUT)/config.json $(DOCS_MODEL_OUT)/model.safetensors $(DOCS_MODEL_OUT)/tokenizer.model \
 		$(DOCS_MODEL_OUT)/tokenizer_config.json $(DOCS_MODEL_OUT)/log.jsonl docs/trained/
+
+# experiments: walkthrough 11's runs (scripts/experiments.py): the demo's training with six
+# feed-forward layers, dense and MoE, two at a time with one thread each (about 20 minutes on 2
+# cores), their logs copied into docs/runs/experiments/; then which experts make demo's model
+# sends each kind of Python token to (docs/runs/demo/specialisation.json; needs make demo's
+# checkpoint). Then make figures, and update the numbers walkthrough 11 quotes (make test names them).
+experiments: install
+	$(PY) scripts/experiments.py train
+	$(PY) scripts/experiments.py specialisation --ckpt $(DEMO_OUT)
 
 # ---- speed: generation, then training, each against transformers in one run ----
 # GEN_BENCH_ARGS: e.g. "--threads 1 --compile" adds a torch.compile'd decode step (a minute or two more).

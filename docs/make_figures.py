@@ -18,6 +18,10 @@ Figures, each computed here, none drawn by hand; the code of each is in docs/plo
   loss.png             the demo run's losses and learning rate (RUNS/demo/log.jsonl)   training.py
   expert_load.png      the demo run's expert load (RUNS/demo/log.jsonl)                training.py
   roofline.png         one H100's roofline with Orion's decode and prefill on it       speed.py
+  experiments.png      validation loss against compute: dense and MoE variants         experiments.py
+                       (RUNS/experiments/*/log.jsonl, `make experiments`)
+  specialisation.png   which experts each kind of token goes to, per layer             experiments.py
+                       (RUNS/demo/specialisation.json, `make experiments`)
 
 RUNS (default docs/runs) holds the committed runs, each a folder with train.py's log.jsonl
 and config.json (`make docs-runs` copies them from make demo's and make collapse-demo's
@@ -29,6 +33,7 @@ data need only torch; those that draw import matplotlib when called.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -38,6 +43,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "docs")]  # nano_orion and docs/plots from
 import nano_orion  # noqa: E402,F401
 from plots.architecture import plot_attention, plot_gqa, plot_kv_cache, plot_masks, plot_moe_block, plot_rope  # noqa: E402
 from plots.dispatch import plot_dispatch  # noqa: E402
+from plots.experiments import plot_experiments, plot_specialisation  # noqa: E402
 from plots.routing import plot_collapse, plot_router  # noqa: E402
 from plots.runs import (RUNS, byte_groups, cache_fill, example_routing, expert_shares, read_routing,  # noqa: E402,F401
                         read_run, read_train_log, record_routing, route_sentence, run_config)
@@ -100,6 +106,16 @@ def main(argv=None):
             collapse_train, collapse_evals, _ = runs["collapse"]
             plot_collapse(args.out / "collapse.png", train, collapse_train, config and config["top_k"], (evals, collapse_evals))
             made.append("collapse.png")
+    if (args.runs / "experiments").is_dir():
+        plot_experiments(args.out / "experiments.png", args.runs / "experiments")
+        made.append("experiments.png")
+    else:
+        print(f"no {args.runs / 'experiments'}: skipping experiments.png (make experiments)")
+    if (demo / "specialisation.json").is_file():
+        plot_specialisation(args.out / "specialisation.png", json.loads((demo / "specialisation.json").read_text()))
+        made.append("specialisation.png")
+    else:
+        print(f"no {demo / 'specialisation.json'}: skipping specialisation.png (make experiments)")
     print(f"wrote {', '.join(made)} to {args.out}")
 
 
