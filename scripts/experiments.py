@@ -138,18 +138,24 @@ def specialisation(checkpoint: Path, text: Path, block: int = 256) -> dict:
     model, tokenizer = nano_orion.load(checkpoint)
     ids, kinds = piece_kinds(tokenizer, text.read_text())
     cfg = model.config
-    counts = torch.zeros(cfg.n_layers, len(KINDS), cfg.n_experts)
     kind_index = torch.tensor([KINDS.index(k) for k in kinds])
+    # The control: the same tokens grouped by something routing should not care about, their
+    # position modulo len(KINDS), so that its groups are as many as the kinds.
+    control_index = torch.arange(len(ids)) % len(KINDS)
+    counts = torch.zeros(2, cfg.n_layers, len(KINDS), cfg.n_experts)
     with torch.no_grad():
         for start in range(0, len(ids), block):
             model(torch.tensor([ids[start:start + block]]))
             for layer, (_, experts) in enumerate(model.routing()):
-                k = kind_index[start:start + block].repeat_interleave(cfg.top_k)
-                counts[layer].index_put_((k, experts.flatten()), torch.ones(len(k)), accumulate=True)
-    tokens = torch.bincount(kind_index, minlength=len(KINDS))
+                for c, index in enumerate((kind_index, control_index)):
+                    k = index[start:start + block].repeat_interleave(cfg.top_k)
+                    counts[c, layer].index_put_((k, experts.flatten()), torch.ones(len(k)), accumulate=True)
     return {"checkpoint": checkpoint.name, "text": str(text.relative_to(ROOT)) if text.is_relative_to(ROOT) else str(text),
-            "n_experts": cfg.n_experts, "top_k": cfg.top_k, "kinds": list(KINDS), "tokens": tokens.tolist(),
-            "slots": counts.int().tolist()}  # slots[layer][kind][expert]: routed slots
+            "n_experts": cfg.n_experts, "top_k": cfg.top_k, "kinds": list(KINDS),
+            "tokens": torch.bincount(kind_index, minlength=len(KINDS)).tolist(),
+            "slots": counts[0].int().tolist(),  # slots[layer][kind][expert]: routed slots
+            "control_tokens": torch.bincount(control_index, minlength=len(KINDS)).tolist(),
+            "control_slots": counts[1].int().tolist()}  # the same, by position modulo len(KINDS)
 
 
 def main(argv=None):

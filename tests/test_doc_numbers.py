@@ -7,6 +7,7 @@ function of the runs that gives those numbers as the page prints them. Line brea
 spaces in the page do not matter.
 """
 
+import json
 import math
 import re
 from collections import Counter
@@ -137,9 +138,48 @@ def distinct_experts(lang, layer):
     return len(pieces), len(experts.unique())
 
 
+def experiment(name):
+    return make_figures.read_run(name, make_figures.RUNS / "experiments")[:2] + (
+        make_figures.nano_orion.OrionConfig.from_dict(make_figures.read_run(name, make_figures.RUNS / "experiments")[2]),)
+
+
+def final(name):
+    return f(at(experiment(name)[1], 300, "val_loss"), 3)
+
+
+SPECIALISATION = json.loads((make_figures.RUNS / "demo" / "specialisation.json").read_text())
+
+
+def kind_shares(key="slots"):
+    slots = torch.tensor(SPECIALISATION[key], dtype=torch.float64)
+    return slots / slots.sum(-1, keepdim=True), slots
+
+
+def kind_dependence_range(key, tokens_key):
+    shares, slots = kind_shares(key)
+    tokens = torch.tensor(SPECIALISATION[tokens_key], dtype=torch.float64)
+    overall = slots.sum(1) / slots.sum((1, 2))[:, None]
+    moved = ((0.5 * (shares - overall[:, None]).abs().sum(-1)) * tokens).sum(-1) / tokens.sum()
+    return f(moved.min(), 3), f(moved.max(), 3)
+
+
+def favourite_of(layer, kind):
+    shares, _ = kind_shares()
+    row = shares[layer, SPECIALISATION["kinds"].index(kind)]
+    return row.argmax().item(), f(row.max(), 2)
+
+
+def strings_spread():
+    shares, _ = kind_shares()
+    favourites = shares.max(-1).values  # (layers, kinds)
+    strings = favourites[:, SPECIALISATION["kinds"].index("strings")]
+    assert all(strings.max() <= favourites[:, k].max() for k in range(favourites.shape[1]))  # the most even kind
+    return f(strings.min(), 2), f(strings.max(), 2)
+
+
 # ---- the quotes ------------------------------------------------------------------------------
 
-MOE, TRAINING = "docs/05_moe.md", "docs/08_training.md"
+MOE, TRAINING, EXPERTS = "docs/05_moe.md", "docs/08_training.md", "docs/11_experts_measured.md"
 QUOTES = [
     # walkthrough 5: the run without the load-balancing loss beside the demo run
     (MOE, "layers 1 to 3 become lopsided within the first {} steps", lambda: (first_lopsided(),)),
@@ -188,6 +228,26 @@ QUOTES = [
      lambda: idlest_before(DEMO_TRAIN, 100) + (f(shares(DEMO_TRAIN, 0, 99).max(), 3),)),
     (TRAINING, "from step 100 on every expert of every layer gets between {} and {}", lambda: load_range(DEMO_TRAIN, 100)),
     (TRAINING, "Layer 0 was never far off ({} to {})", lambda: load_range(DEMO_TRAIN, 0, [0])),
+    # walkthrough 11: the experiments and the demo model's routing per kind of token
+    (EXPERTS, "the dense model of the MoE's active size reaches a validation loss of {} and the demo's mixture "
+              "(8 × 256, top-2) {}, for the same FLOPs: the mixture holds {} times the parameters and is {} worse",
+     lambda: (final("dense-active"), final("moe-8x256-top2"),
+              f(experiment("moe-8x256-top2")[2].n_params() / experiment("dense-active")[2].n_params(), 1),
+              f(float(final("moe-8x256-top2")) - float(final("dense-active")), 3))),
+    (EXPERTS, "The dense model of the MoE's total size, at {} times the compute, reaches {}, only {} better",
+     lambda: (f(experiment("dense-total")[2].n_active_params() / experiment("dense-active")[2].n_active_params(), 1),
+              final("dense-total"), f(float(final("dense-active")) - float(final("dense-total")), 3))),
+    (EXPERTS, "Top-1 is clearly worse: {}.", lambda: (final("moe-8x512-top1"),)),
+    (EXPERTS, "4, 8 or 16 experts at the same active size: {}, {} and {}.",
+     lambda: tuple(final(f"moe-{n}x256-top2") for n in (4, 8, 16))),
+    (EXPERTS, "In every layer, between {} and {} of the slots would go to another expert if every kind were routed "
+              "like the layer as a whole, against {} to {} when the same tokens are grouped by position",
+     lambda: kind_dependence_range("slots", "tokens") + kind_dependence_range("control_slots", "control_tokens")),
+    (EXPERTS, "in layer 3 expert {} receives {} of the identifiers' slots and expert {} {} of the indentation's, and in "
+              "layer 1 expert {} takes {} of the keywords'",
+     lambda: favourite_of(3, "identifier") + favourite_of(3, "indentation and spaces") + favourite_of(1, "keyword")),
+    (EXPERTS, "Strings, which hold text of every sort, are spread most evenly (their favourite expert gets {} to {} of "
+              "their slots)", strings_spread),
     ("README.md", "the validation loss falls from {} (= ln 4096, guessing) to {} in the committed run",
      lambda: (f(math.log(4096), 1), f(at(DEMO_EVALS, 300, "val_loss"), 2))),
 ]

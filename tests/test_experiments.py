@@ -56,4 +56,6 @@ def test_specialisation_counts_every_routed_slot(tmp_path):
     assert slots.shape == (2, len(experiments.KINDS), 8)
     assert (slots.sum((1, 2)) == sum(record["tokens"]) * record["top_k"]).all()  # every token's top_k slots, in every layer
     assert (slots.sum(-1) == torch.tensor(record["tokens"]) * record["top_k"]).all()
+    control = torch.tensor(record["control_slots"])  # the same slots, grouped by position
+    assert (control.sum(1) == slots.sum(1)).all() and sum(record["control_tokens"]) == sum(record["tokens"])
     json.dumps(record)  # what the script writes

@@ -35,7 +35,7 @@ def compute_curve(name: str, runs: Path = RUNS / "experiments"):
 
 def plot_experiments(out: Path, runs: Path = RUNS / "experiments"):
     plt = pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained", gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained", gridspec_kw={"width_ratios": [1.3, 1]})
     finals = []
     for name, (label, color, style, marker) in EXPERIMENTS.items():
         if not (runs / name / "log.jsonl").is_file():
@@ -49,11 +49,11 @@ def plot_experiments(out: Path, runs: Path = RUNS / "experiments"):
     a.legend(fontsize=8.5)
     for y, (label, color, loss, config) in enumerate(finals):
         b.barh(y, loss, color=color)
-        b.text(loss + 0.005, y, f"{loss:.3f}   {config.n_active_params() / 1e6:.2f} M active, "
-               f"{config.n_params() / 1e6:.2f} M in all", va="center", fontsize=8.5)
-    b.set_yticks(range(len(finals)), [label.split(" (")[0] for label, *_ in finals], fontsize=8.5)
+        b.text(loss + 0.01, y, f"{loss:.3f}", va="center")
+    b.set_yticks(range(len(finals)), [f"{label.split(' (')[0]}\n{config.n_active_params() / 1e6:.2f} M active, "
+                                      f"{config.n_params() / 1e6:.2f} M in all" for label, _, _, config in finals], fontsize=8.5)
     low = min(loss for _, _, loss, _ in finals)
-    b.set(xlim=(low - 0.1, low + 0.45), xlabel="validation loss at step 300", title="after 300 steps")
+    b.set(xlim=(low - 0.1, low + 0.4), xlabel="validation loss at step 300", title="after 300 steps")
     b.invert_yaxis()
     fig.suptitle("What the experts buy: the toy model with dense and MoE feed-forward layers, 300 steps of the demo's data")
     fig.savefig(out)
@@ -74,7 +74,10 @@ def plot_specialisation(out: Path, record: dict):
         im = ax.imshow(shares[layer].numpy(), cmap="RdBu_r", norm=norm, interpolation="nearest", aspect="auto")
         for k in range(n_kinds):
             for e in range(n_experts):
-                ax.text(e, k, f"{shares[layer, k, e]:.2f}".lstrip("0"), ha="center", va="center", fontsize=7.5)
+                value = shares[layer, k, e].item()
+                dark = abs(norm(value) - 0.5) > 0.3  # the ends of the colour scale: white text
+                ax.text(e, k, f"{value:.2f}".lstrip("0"), ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
         ax.set_xticks(range(n_experts))
         ax.set_yticks(range(n_kinds), labels if layer % axes.shape[1] == 0 else [""] * n_kinds)
         ax.set(title=f"layer {layer}", xlabel="expert")
