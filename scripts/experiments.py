@@ -68,21 +68,40 @@ def train(name: str, out: Path) -> str:
 KINDS = ("keyword", "identifier", "indentation and spaces", "punctuation", "digits", "strings", "comments")
 
 
+# From Python 3.12, tokenize splits an f-string into its parts (and 3.14 a t-string): the whole
+# literal, from its start to its matching end, counts as a string, as in earlier Pythons.
+STRING_STARTS = {getattr(tokenize, n) for n in ("FSTRING_START", "TSTRING_START") if hasattr(tokenize, n)}
+STRING_ENDS = {getattr(tokenize, n) for n in ("FSTRING_END", "TSTRING_END") if hasattr(tokenize, n)}
+
+
 def char_kinds(source: str) -> list[str]:
     """The kind of every character of a Python source, from Python's own tokenizer: keywords,
-    identifiers (other names), numbers ("digits"), string literals, operators and brackets
-    ("punctuation"), comments; whitespace and newlines are "indentation and spaces"."""
+    identifiers (other names), numbers ("digits"), string literals (f-strings whole), operators
+    and brackets ("punctuation"), comments; whitespace and newlines are "indentation and spaces"."""
     lines = source.splitlines(keepends=True)
     starts = [0]
     for line in lines:
         starts.append(starts[-1] + len(line))
+    offset = lambda row_col: starts[row_col[0] - 1] + row_col[1]
     kinds = ["indentation and spaces"] * len(source)
+    depth, literal_start = 0, None  # inside how many f-strings, and where the outermost began
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type in STRING_STARTS:
+            depth += 1
+            literal_start = offset(tok.start) if depth == 1 else literal_start
+            continue
+        if tok.type in STRING_ENDS:
+            depth -= 1
+            if depth == 0:
+                kinds[literal_start:offset(tok.end)] = ["strings"] * (offset(tok.end) - literal_start)
+            continue
+        if depth:
+            continue
         if tok.type == tokenize.NAME:
             kind = "keyword" if keyword.iskeyword(tok.string) or keyword.issoftkeyword(tok.string) else "identifier"
         elif tok.type == tokenize.NUMBER:
             kind = "digits"
-        elif tok.type == tokenize.STRING or tok.type in getattr(tokenize, "FSTRING_TYPES", ()):
+        elif tok.type == tokenize.STRING:
             kind = "strings"
         elif tok.type == tokenize.OP:
             kind = "punctuation"
@@ -90,9 +109,7 @@ def char_kinds(source: str) -> list[str]:
             kind = "comments"
         else:
             continue
-        (r0, c0), (r1, c1) = tok.start, tok.end
-        for i in range(starts[r0 - 1] + c0, starts[r1 - 1] + c1):
-            kinds[i] = kind
+        kinds[offset(tok.start):offset(tok.end)] = [kind] * (offset(tok.end) - offset(tok.start))
     return kinds
 
 

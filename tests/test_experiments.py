@@ -25,7 +25,7 @@ def test_the_runs_differ_from_the_demo_only_in_the_feed_forward_layer():
 
 
 def test_char_kinds_follow_pythons_tokenizer():
-    source = "def f(x):\n    return x + 12  # twelve\ns = 'a b'\n"
+    source = "def f(x):\n    return x + 12  # twelve\ns = 'a b'\nt = f'{x + 1:>3}!'\n"
     kinds = experiments.char_kinds(source)
     kind_of = lambda text, nth=0: kinds[[i for i in range(len(source)) if source.startswith(text, i)][nth]]
     assert kind_of("def") == "keyword" and kind_of("return") == "keyword"
@@ -33,6 +33,8 @@ def test_char_kinds_follow_pythons_tokenizer():
     assert kind_of("(") == "punctuation" and kind_of("+") == "punctuation"
     assert kind_of("12") == "digits" and kind_of("# twelve") == "comments" and kind_of("'a b'") == "strings"
     assert kind_of("    return") == "indentation and spaces"
+    fstring = source.index("f'{x")
+    assert set(kinds[fstring:fstring + len("f'{x + 1:>3}!'")]) == {"strings"}  # whole, in every Python
 
 
 def test_piece_kinds_place_every_piece_on_the_source():
