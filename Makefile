@@ -139,7 +139,8 @@ figures: install
 	$(PY) docs/make_figures.py
 
 # docs-runs: after make demo and make collapse-demo, replace the committed runs the docs quote
-# and draw (docs/runs/{demo,collapse}: log.jsonl, config.json; the demo model's routing.json),
+# and draw (docs/runs/{demo,collapse}: log.jsonl, config.json; the demo model's routing.json
+# and specialisation.json),
 # then redraw the figures. Then update the numbers the docs quote: make test names each one
 # that no longer matches (tests/test_doc_numbers.py).
 docs-runs: install
@@ -147,6 +148,7 @@ docs-runs: install
 	mkdir -p docs/runs/demo docs/runs/collapse
 	cp $(DEMO_OUT)/log.jsonl $(DEMO_OUT)/config.json docs/runs/demo/
 	cp $(COLLAPSE_OUT)/log.jsonl $(COLLAPSE_OUT)/config.json docs/runs/collapse/
+	$(PY) scripts/experiments.py specialisation --ckpt $(DEMO_OUT)
 	$(PY) docs/make_figures.py --record-routing $(DEMO_OUT)
 
 # ---- docs-refresh: after a code change, rewrite the docs' shown outputs (```text output blocks)
