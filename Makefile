@@ -2,10 +2,12 @@
 #
 #   make demo      train the toy model on the CPU from scratch (a few minutes), then generate from it
 #   make test      run the test suite
+#   make lint      check the code's style with ruff (pyproject.toml says which rules)
 #   make bench     speed against transformers' MixtralForCausalLM on the same weights (CPU)
 #   make figures   redraw docs/figures/*.png from the code and the committed runs in docs/runs/
 #   make docs-runs replace docs/runs/ with make demo's and make collapse-demo's runs, and redraw
 #   make docs-model      retrain docs/trained/, the small model walkthroughs 4 and 7 show (a minute)
+#   make experiments     walkthrough 11's dense-versus-MoE runs (about 20 minutes), after make demo
 #   make collapse-demo   the demo's run again without the load-balancing loss (docs/05_moe.md)
 #   make docs-refresh    rewrite the docs' shown outputs and code-link line numbers from the code
 #
@@ -26,7 +28,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install test demo collapse-demo bench figures docs-runs docs-model docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
+.PHONY: install test lint demo collapse-demo bench figures docs-runs docs-model experiments docs-refresh convert-memory clean gpu-check bench-gpu bench-train-gpu
 
 install: $(VENV)/.installed
 	@made_with="$$(cat $(VENV)/.installed)"; if [ "$$made_with" != '$(TORCH)' ]; then \
@@ -43,6 +45,12 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+# lint: ruff, configured in pyproject.toml: pyflakes, pycodestyle (lines up to 120 characters) and
+# import order, then the formatter's check (`$(PY) -m ruff format .` formats in place).
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # ---- training ----
 # demo: prepare the default corpus (the Python standard library's sources), train the toy
@@ -87,6 +95,15 @@ docs-model: install
 	cp $(DOCS_MODEL_OUT)/config.json $(DOCS_MODEL_OUT)/model.safetensors $(DOCS_MODEL_OUT)/tokenizer.model \
 		$(DOCS_MODEL_OUT)/tokenizer_config.json $(DOCS_MODEL_OUT)/log.jsonl docs/trained/
 
+# experiments: walkthrough 11's runs (scripts/experiments.py): the demo's training with six
+# feed-forward layers, dense and MoE, two at a time with one thread each (about 20 minutes on 2
+# cores), their logs copied into docs/runs/experiments/; then which experts make demo's model
+# sends each kind of Python token to (docs/runs/demo/specialisation.json; needs make demo's
+# checkpoint). Then make figures, and update the numbers walkthrough 11 quotes (make test names them).
+experiments: install
+	$(PY) scripts/experiments.py train
+	$(PY) scripts/experiments.py specialisation --ckpt $(DEMO_OUT)
+
 # ---- speed: generation, then training, each against transformers in one run ----
 # GEN_BENCH_ARGS: e.g. "--threads 1 --compile" adds a torch.compile'd decode step (a minute or two more).
 GEN_BENCH_ARGS ?= --threads 1
@@ -129,7 +146,8 @@ figures: install
 	$(PY) docs/make_figures.py
 
 # docs-runs: after make demo and make collapse-demo, replace the committed runs the docs quote
-# and draw (docs/runs/{demo,collapse}: log.jsonl, config.json; the demo model's routing.json),
+# and draw (docs/runs/{demo,collapse}: log.jsonl, config.json; the demo model's routing.json
+# and specialisation.json),
 # then redraw the figures. Then update the numbers the docs quote: make test names each one
 # that no longer matches (tests/test_doc_numbers.py).
 docs-runs: install
@@ -137,6 +155,7 @@ docs-runs: install
 	mkdir -p docs/runs/demo docs/runs/collapse
 	cp $(DEMO_OUT)/log.jsonl $(DEMO_OUT)/config.json docs/runs/demo/
 	cp $(COLLAPSE_OUT)/log.jsonl $(COLLAPSE_OUT)/config.json docs/runs/collapse/
+	$(PY) scripts/experiments.py specialisation --ckpt $(DEMO_OUT)
 	$(PY) docs/make_figures.py --record-routing $(DEMO_OUT)
 
 # ---- docs-refresh: after a code change, rewrite the docs' shown outputs (```text output blocks)

@@ -349,7 +349,8 @@ def main(argv=None):
         "--rewrite",
         action="store_true",
         help="write every output as printed now, also those that still match (after changing how a "
-        "snippet formats its numbers); wildcards (...) other than temporary paths are lost",
+        "snippet formats its numbers); wildcards (...) other than those the test puts in itself "
+        "(temporary paths, fingerprints, timings) are lost",
     )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))  # the snippets import nano_orion and train.py from the checkout

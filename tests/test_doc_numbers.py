@@ -7,6 +7,7 @@ function of the runs that gives those numbers as the page prints them. Line brea
 spaces in the page do not matter.
 """
 
+import json
 import math
 import re
 from collections import Counter
@@ -137,59 +138,210 @@ def distinct_experts(lang, layer):
     return len(pieces), len(experts.unique())
 
 
+def experiment(name):
+    return make_figures.read_run(name, make_figures.RUNS / "experiments")[:2] + (
+        make_figures.nano_orion.OrionConfig.from_dict(
+            make_figures.read_run(name, make_figures.RUNS / "experiments")[2]
+        ),
+    )
+
+
+def final(name):
+    return f(at(experiment(name)[1], 300, "val_loss"), 3)
+
+
+SPECIALISATION = json.loads((make_figures.RUNS / "demo" / "specialisation.json").read_text())
+
+
+def kind_shares(key="slots"):
+    slots = torch.tensor(SPECIALISATION[key], dtype=torch.float64)
+    return slots / slots.sum(-1, keepdim=True), slots
+
+
+def kind_dependence_range(key, tokens_key):
+    shares, slots = kind_shares(key)
+    tokens = torch.tensor(SPECIALISATION[tokens_key], dtype=torch.float64)
+    overall = slots.sum(1) / slots.sum((1, 2))[:, None]
+    moved = ((0.5 * (shares - overall[:, None]).abs().sum(-1)) * tokens).sum(-1) / tokens.sum()
+    return f(moved.min(), 3), f(moved.max(), 3)
+
+
+def favourite_of(layer, kind):
+    shares, _ = kind_shares()
+    row = shares[layer, SPECIALISATION["kinds"].index(kind)]
+    return row.argmax().item(), f(row.max(), 2)
+
+
+def strings_spread():
+    shares, _ = kind_shares()
+    favourites = shares.max(-1).values  # (layers, kinds)
+    strings = favourites[:, SPECIALISATION["kinds"].index("strings")]
+    assert all(strings.max() <= favourites[:, k].max() for k in range(favourites.shape[1]))  # the most even kind
+    return f(strings.min(), 2), f(strings.max(), 2)
+
+
 # ---- the quotes ------------------------------------------------------------------------------
 
-MOE, TRAINING = "docs/05_moe.md", "docs/08_training.md"
+MOE, TRAINING, EXPERTS = "docs/05_moe.md", "docs/08_training.md", "docs/11_experts_measured.md"
 QUOTES = [
     # walkthrough 5: the run without the load-balancing loss beside the demo run
     (MOE, "layers 1 to 3 become lopsided within the first {} steps", lambda: (first_lopsided(),)),
-    (MOE, "Over the last 100 steps (210 to 300) {} experts, two of layer 1 and two of layer 2, get less than 1% of "
-          "their layer's slots ({} to {}); none of them got 1% again after step {}.", collapse_starved),
+    (
+        MOE,
+        "Over the last 100 steps (210 to 300) {} experts, two of layer 1 and two of layer 2, get less than 1% of "
+        "their layer's slots ({} to {}); none of them got 1% again after step {}.",
+        collapse_starved,
+    ),
     (MOE, "expert {} of layer 3 takes {} to {} of its layer's slots", lambda: busiest(COLLAPSE_TRAIN, 3, 210)),
     (MOE, "expert {} of layer 1 takes {} to {}", lambda: busiest(COLLAPSE_TRAIN, 1, 210)),
-    (MOE, "Layer 0 stays nearer balance ({} to {} per expert from step 50 on)", lambda: load_range(COLLAPSE_TRAIN, 50, [0])),
-    (MOE, "before step 100 the idlest expert of layers 1, 2 and 3 falls to {}, {} and {} of the slots",
-     lambda: idlest_before(DEMO_TRAIN, 100)),
+    (
+        MOE,
+        "Layer 0 stays nearer balance ({} to {} per expert from step 50 on)",
+        lambda: load_range(COLLAPSE_TRAIN, 50, [0]),
+    ),
+    (
+        MOE,
+        "before step 100 the idlest expert of layers 1, 2 and 3 falls to {}, {} and {} of the slots",
+        lambda: idlest_before(DEMO_TRAIN, 100),
+    ),
     (MOE, "from step 100 on every expert of every layer gets {} to {}", lambda: load_range(DEMO_TRAIN, 100)),
-    (MOE, "from step 100 on it stays between {} and {} in the demo run, against {} to {} in the run that ignores it",
-     lambda: aux_range(DEMO_TRAIN, 100) + aux_range(COLLAPSE_TRAIN, 100)),
-    (MOE, "The validation losses at step 300 are {} with the loss and {} without",
-     lambda: (f(at(DEMO_EVALS, 300, "val_loss"), 3), f(at(COLLAPSE_EVALS, 300, "val_loss"), 3))),
-    (MOE, "the training losses differ by at most {} at any logged step",
-     lambda: (f(max(abs(a["loss"] - b["loss"]) for a, b in zip(DEMO_TRAIN, COLLAPSE_TRAIN)), 2),)),
-    (MOE, "(here {} of the 32 experts, {} of the expert weights)",
-     lambda: (len(starved()), pct(len(starved()) / 32, 1))),
-    (MOE, "the one holding layer 3's expert {}, with {} times its share of the tokens",
-     lambda: (busiest(COLLAPSE_TRAIN, 3, 210)[0], f(shares(COLLAPSE_TRAIN, 210)[:, 3].max() * 8, 2))),
-    (MOE, "of the {} starved experts came back", lambda: (["zero", "one", "two", "three", "four", "five"][len(starved())],)),
+    (
+        MOE,
+        "from step 100 on it stays between {} and {} in the demo run, against {} to {} in the run that ignores it",
+        lambda: aux_range(DEMO_TRAIN, 100) + aux_range(COLLAPSE_TRAIN, 100),
+    ),
+    (
+        MOE,
+        "The validation losses at step 300 are {} with the loss and {} without",
+        lambda: (f(at(DEMO_EVALS, 300, "val_loss"), 3), f(at(COLLAPSE_EVALS, 300, "val_loss"), 3)),
+    ),
+    (
+        MOE,
+        "the training losses differ by at most {} at any logged step",
+        lambda: (f(max(abs(a["loss"] - b["loss"]) for a, b in zip(DEMO_TRAIN, COLLAPSE_TRAIN)), 2),),
+    ),
+    (
+        MOE,
+        "(here {} of the 32 experts, {} of the expert weights)",
+        lambda: (len(starved()), pct(len(starved()) / 32, 1)),
+    ),
+    (
+        MOE,
+        "the one holding layer 3's expert {}, with {} times its share of the tokens",
+        lambda: (busiest(COLLAPSE_TRAIN, 3, 210)[0], f(shares(COLLAPSE_TRAIN, 210)[:, 3].max() * 8, 2)),
+    ),
+    (
+        MOE,
+        "of the {} starved experts came back",
+        lambda: (["zero", "one", "two", "three", "four", "five"][len(starved())],),
+    ),
     # walkthrough 5: the router of the demo model
-    (MOE, "A token's highest probability is {} to {} on average per sentence and layer, and {} at most",
-     mean_top_probability),
+    (
+        MOE,
+        "A token's highest probability is {} to {} on average per sentence and layer, and {} at most",
+        mean_top_probability,
+    ),
     (MOE, "the English sentence's {} tokens use {} of the 8 experts", lambda: distinct_experts("English", 0)),
-    (MOE, "expert 7 is among the two chosen for {} of the {} Chinese tokens, {} of the {} Japanese, {} of the {} Korean "
-          "(whose favourite is expert {}, {} of {}) and {} of the {} English ones",
-     lambda: (*chosen_count("Chinese", 3, 7), *chosen_count("Japanese", 3, 7), *chosen_count("Korean", 3, 7),
-              favourite("Korean", 3), *chosen_count("Korean", 3, favourite("Korean", 3)), *chosen_count("English", 3, 7))),
-    (MOE, "the previous token's in {} of the pairs in layer 0 and {} in layer 3",
-     lambda: (repeated_first_choice("Japanese", 0), repeated_first_choice("Japanese", 3))),
+    (
+        MOE,
+        "expert 7 is among the two chosen for {} of the {} Chinese tokens, {} of the {} Japanese, {} of the {} Korean "
+        "(whose favourite is expert {}, {} of {}) and {} of the {} English ones",
+        lambda: (
+            *chosen_count("Chinese", 3, 7),
+            *chosen_count("Japanese", 3, 7),
+            *chosen_count("Korean", 3, 7),
+            favourite("Korean", 3),
+            *chosen_count("Korean", 3, favourite("Korean", 3)),
+            *chosen_count("English", 3, 7),
+        ),
+    ),
+    (
+        MOE,
+        "the previous token's in {} of the pairs in layer 0 and {} in layer 3",
+        lambda: (repeated_first_choice("Japanese", 0), repeated_first_choice("Japanese", 3)),
+    ),
     # walkthrough 8: the demo run
-    (TRAINING, "The training loss starts at {} at step 10, already below the uniform guess's {}",
-     lambda: (f(at(DEMO_TRAIN, 10, "loss"), 2), f(math.log(DEMO_CONFIG["vocab_size"]), 2))),
+    (
+        TRAINING,
+        "The training loss starts at {} at step 10, already below the uniform guess's {}",
+        lambda: (f(at(DEMO_TRAIN, 10, "loss"), 2), f(math.log(DEMO_CONFIG["vocab_size"]), 2)),
+    ),
     (TRAINING, "to {} to {} over steps 80 to 100", lambda: loss_range(DEMO_TRAIN, 80, 100)),
-    (TRAINING, "to {} to {} over the last 50 steps ({} at step 300)",
-     lambda: loss_range(DEMO_TRAIN, 251) + (f(at(DEMO_TRAIN, 300, "loss"), 2),)),
+    (
+        TRAINING,
+        "to {} to {} over the last 50 steps ({} at step 300)",
+        lambda: loss_range(DEMO_TRAIN, 251) + (f(at(DEMO_TRAIN, 300, "loss"), 2),),
+    ),
     (TRAINING, "hence jumps such as {} at step {} to {} at step {}", lambda: largest_rise_after(DEMO_TRAIN, 100)),
-    (TRAINING, "goes {} → {} → {} at steps 100, 200 and 300",
-     lambda: tuple(f(at(DEMO_EVALS, s, "val_loss"), 2) for s in (100, 200, 300))),
+    (
+        TRAINING,
+        "goes {} → {} → {} at steps 100, 200 and 300",
+        lambda: tuple(f(at(DEMO_EVALS, s, "val_loss"), 2) for s in (100, 200, 300)),
+    ),
     (TRAINING, "The aux loss is {} to {} in the first 70 steps", lambda: aux_range(DEMO_TRAIN, 0, 70)),
     (TRAINING, "from step 110 on stays between {} and {}", lambda: aux_range(DEMO_TRAIN, 110)),
-    (TRAINING, "before step 100 the idlest expert of layers 1, 2 and 3 falls to {}, {} and {} of the slots at its lowest, "
-               "while the busiest takes up to {}",
-     lambda: idlest_before(DEMO_TRAIN, 100) + (f(shares(DEMO_TRAIN, 0, 99).max(), 3),)),
-    (TRAINING, "from step 100 on every expert of every layer gets between {} and {}", lambda: load_range(DEMO_TRAIN, 100)),
+    (
+        TRAINING,
+        "before step 100 the idlest expert of layers 1, 2 and 3 falls to {}, {} and {} of the slots at its lowest, "
+        "while the busiest takes up to {}",
+        lambda: idlest_before(DEMO_TRAIN, 100) + (f(shares(DEMO_TRAIN, 0, 99).max(), 3),),
+    ),
+    (
+        TRAINING,
+        "from step 100 on every expert of every layer gets between {} and {}",
+        lambda: load_range(DEMO_TRAIN, 100),
+    ),
     (TRAINING, "Layer 0 was never far off ({} to {})", lambda: load_range(DEMO_TRAIN, 0, [0])),
-    ("README.md", "the validation loss falls from {} (= ln 4096, guessing) to {} in the committed run",
-     lambda: (f(math.log(4096), 1), f(at(DEMO_EVALS, 300, "val_loss"), 2))),
+    # walkthrough 11: the experiments and the demo model's routing per kind of token
+    (
+        EXPERTS,
+        "the dense model of the MoE's active size reaches a validation loss of {} and the demo's mixture "
+        "(8 × 256, top-2) {}, for the same FLOPs: the mixture holds {} times the parameters and is {} worse",
+        lambda: (
+            final("dense-active"),
+            final("moe-8x256-top2"),
+            f(experiment("moe-8x256-top2")[2].n_params() / experiment("dense-active")[2].n_params(), 1),
+            f(float(final("moe-8x256-top2")) - float(final("dense-active")), 3),
+        ),
+    ),
+    (
+        EXPERTS,
+        "The dense model of the MoE's total size, at {} times the compute, reaches {}, only {} better",
+        lambda: (
+            f(experiment("dense-total")[2].n_active_params() / experiment("dense-active")[2].n_active_params(), 1),
+            final("dense-total"),
+            f(float(final("dense-active")) - float(final("dense-total")), 3),
+        ),
+    ),
+    (EXPERTS, "Top-1 is clearly worse: {}.", lambda: (final("moe-8x512-top1"),)),
+    (
+        EXPERTS,
+        "4, 8 or 16 experts at the same active size: {}, {} and {}.",
+        lambda: tuple(final(f"moe-{n}x256-top2") for n in (4, 8, 16)),
+    ),
+    (
+        EXPERTS,
+        "In every layer, between {} and {} of the slots would go to another expert if every kind were routed "
+        "like the layer as a whole, against {} to {} when the same tokens are grouped by position",
+        lambda: kind_dependence_range("slots", "tokens") + kind_dependence_range("control_slots", "control_tokens"),
+    ),
+    (
+        EXPERTS,
+        "in layer 3 expert {} receives {} of the identifiers' slots and expert {} {} of the indentation's, and in "
+        "layer 1 expert {} takes {} of the keywords'",
+        lambda: favourite_of(3, "identifier") + favourite_of(3, "indentation and spaces") + favourite_of(1, "keyword"),
+    ),
+    (
+        EXPERTS,
+        "Strings, which hold text of every sort, are spread most evenly (their favourite expert gets {} to {} of "
+        "their slots)",
+        strings_spread,
+    ),
+    (
+        "README.md",
+        "the validation loss falls from {} (= ln 4096, guessing) to {} in the committed run",
+        lambda: (f(math.log(4096), 1), f(at(DEMO_EVALS, 300, "val_loss"), 2)),
+    ),
 ]
 
 

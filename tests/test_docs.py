@@ -92,6 +92,18 @@ def test_outputs_match_catches_a_wrong_output(shown, printed, why):
     assert not ok and why in message
 
 
+def test_what_changes_between_runs_and_checkouts_is_masked_as_the_wildcard():
+    import tempfile
+
+    printed = (
+        f"preparing {tempfile.gettempdir()}/tmpab_12x/data/argparse.py-0123456789abcdef: 1 documents\n"
+        "step 20: saved the checkpoint to out in 0.3 s; loss 4.31"
+    )
+    assert refresh.mask_nondeterministic(printed) == (
+        "preparing .../data/argparse.py-...: 1 documents\nstep 20: saved the checkpoint to out in ... s; loss 4.31"
+    )
+
+
 def test_check_outputs_wants_every_print_shown_and_nothing_else():
     page = refresh.ROOT / "docs" / "example.md"  # only names the page in messages
     text = (

@@ -15,8 +15,17 @@ make_figures = load_script("docs/make_figures.py")
 
 
 def train_record(step, load):
-    return {"kind": "train", "step": step, "tokens": 1024 * step, "loss": 8.0 - step / 10, "aux_loss": 2.1,
-            "lr": 3e-4, "tokens_per_s": 5000.0, "mfu": 0.01, "expert_load": load}
+    return {
+        "kind": "train",
+        "step": step,
+        "tokens": 1024 * step,
+        "loss": 8.0 - step / 10,
+        "aux_loss": 2.1,
+        "lr": 3e-4,
+        "tokens_per_s": 5000.0,
+        "mfu": 0.01,
+        "expert_load": load,
+    }
 
 
 def write_log(path, records):
@@ -26,12 +35,15 @@ def write_log(path, records):
 
 def test_read_train_log_splits_sorts_and_normalises(tmp_path):
     # 2 layers, 4 experts; counts in one record, fractions in the other, steps out of order.
-    log = write_log(tmp_path / "log.jsonl", [
-        train_record(20, [[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]]),
-        {"kind": "eval", "step": 10, "val_loss": 7.5},
-        {"kind": "save", "step": 10, "folder": "out", "seconds": 0.5},  # skipped
-        train_record(10, [[6, 2, 0, 0], [1, 1, 1, 1]]),
-    ])
+    log = write_log(
+        tmp_path / "log.jsonl",
+        [
+            train_record(20, [[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]]),
+            {"kind": "eval", "step": 10, "val_loss": 7.5},
+            {"kind": "save", "step": 10, "folder": "out", "seconds": 0.5},  # skipped
+            train_record(10, [[6, 2, 0, 0], [1, 1, 1, 1]]),
+        ],
+    )
     train, evals = make_figures.read_train_log(log)
     assert [r["step"] for r in train] == [10, 20] and evals == [{"kind": "eval", "step": 10, "val_loss": 7.5}]
     steps, shares = make_figures.expert_shares(train)
@@ -40,12 +52,15 @@ def test_read_train_log_splits_sorts_and_normalises(tmp_path):
     torch.testing.assert_close(shares, expected)
 
 
-@pytest.mark.parametrize("line, problem", [
-    ("{not json", "not JSON"),
-    ('{"kind": "train", "step": 1}', "lacks"),
-    ('{"kind": "eval", "step": 1}', "lacks ['val_loss']"),
-    ('{"kind": "other"}', "kind must be"),
-])
+@pytest.mark.parametrize(
+    "line, problem",
+    [
+        ("{not json", "not JSON"),
+        ('{"kind": "train", "step": 1}', "lacks"),
+        ('{"kind": "eval", "step": 1}', "lacks ['val_loss']"),
+        ('{"kind": "other"}', "kind must be"),
+    ],
+)
 def test_read_train_log_names_the_bad_line(tmp_path, line, problem):
     log = tmp_path / "log.jsonl"
     log.write_text(json.dumps(train_record(1, [[1, 1]])) + "\n" + line + "\n")
@@ -68,7 +83,9 @@ def test_route_sentence_matches_transformers_routing():
     assert "".join(pieces).replace("▁", " ").strip().startswith("<0xE4>")  # byte fallback for 今
     # the reference: the router logits of transformers' Mixtral on the same weights
     with torch.no_grad():
-        hf_logits = to_mixtral(model)(torch.tensor([tokenizer.encode(sentence)]), output_router_logits=True).router_logits
+        hf_logits = to_mixtral(model)(
+            torch.tensor([tokenizer.encode(sentence)]), output_router_logits=True
+        ).router_logits
     assert len(routers) == len(hf_logits) == model.config.n_layers
     for (probs, experts), logits in zip(routers, hf_logits):
         hf_probs = logits.softmax(dim=-1)
@@ -79,7 +96,20 @@ def test_route_sentence_matches_transformers_routing():
 
 
 def test_byte_groups_finds_the_characters_that_byte_tokens_spell():
-    pieces = ["▁", "<0xE4>", "<0xBB>", "<0x8A>", "a", "<0xC3>", "<0xAF>", "<0xF0>", "<0x9F>", "<0x98>", "<0x80>", "<0xE4>"]
+    pieces = [
+        "▁",
+        "<0xE4>",
+        "<0xBB>",
+        "<0x8A>",
+        "a",
+        "<0xC3>",
+        "<0xAF>",
+        "<0xF0>",
+        "<0x9F>",
+        "<0x98>",
+        "<0x80>",
+        "<0xE4>",
+    ]
     assert make_figures.byte_groups(pieces) == [(1, 3, "今"), (5, 6, "ï"), (7, 10, "😀")]  # the last byte is incomplete
 
 
@@ -96,8 +126,16 @@ def test_main_draws_every_figure_and_skips_those_whose_runs_are_missing(tmp_path
     pytest.importorskip("matplotlib")
     out = tmp_path / "figures"
     make_figures.main(["--out", str(out), "--runs", str(tmp_path / "no-runs")])
-    assert sorted(p.name for p in out.iterdir()) == ["attention.png", "attention_masks.png", "dispatch.png", "gqa.png", "kv_cache.png",
-                                                    "moe_block.png", "roofline.png", "rope_angles.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "attention.png",
+        "attention_masks.png",
+        "dispatch.png",
+        "gqa.png",
+        "kv_cache.png",
+        "moe_block.png",
+        "roofline.png",
+        "rope_angles.png",
+    ]
     printed = capsys.readouterr().out
     assert "skipping router.png" in printed and "skipping expert_load.png, loss.png and collapse.png" in printed
     assert (out / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -105,11 +143,21 @@ def test_main_draws_every_figure_and_skips_those_whose_runs_are_missing(tmp_path
 
 def test_record_routing_writes_what_the_router_did_and_router_png_draws_it(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    for name in ("plot_moe_block", "plot_gqa", "plot_kv_cache", "plot_rope", "plot_masks", "plot_attention", "plot_dispatch",
-                 "plot_roofline"):
+    for name in (
+        "plot_moe_block",
+        "plot_gqa",
+        "plot_kv_cache",
+        "plot_rope",
+        "plot_masks",
+        "plot_attention",
+        "plot_dispatch",
+        "plot_roofline",
+    ):
         monkeypatch.setattr(make_figures, name, lambda *args: None)  # drawn and checked by the test above
     runs, out = tmp_path / "runs", tmp_path / "figures"
-    make_figures.main(["--out", str(out), "--runs", str(runs), "--record-routing", str(FIXTURES / "orion-mini-rmsnorm")])
+    make_figures.main(
+        ["--out", str(out), "--runs", str(runs), "--record-routing", str(FIXTURES / "orion-mini-rmsnorm")]
+    )
     assert "router.png" in capsys.readouterr().out and (out / "router.png").read_bytes()[:4] == b"\x89PNG"
     record = make_figures.read_routing(runs / "demo" / "routing.json")
     model, tokenizer = make_figures.nano_orion.load(FIXTURES / "orion-mini-rmsnorm")
@@ -137,11 +185,18 @@ def test_roofline_points_place_decode_left_of_the_ridge_and_prefill_right():
     assert points["prefill, 4096 tokens, bf16"] > 3 * ridge
 
 
-
 def test_training_figures_draw_from_two_logs(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    for name in ("plot_moe_block", "plot_gqa", "plot_kv_cache", "plot_rope", "plot_masks", "plot_attention", "plot_dispatch",
-                 "plot_roofline"):
+    for name in (
+        "plot_moe_block",
+        "plot_gqa",
+        "plot_kv_cache",
+        "plot_rope",
+        "plot_masks",
+        "plot_attention",
+        "plot_dispatch",
+        "plot_roofline",
+    ):
         monkeypatch.setattr(make_figures, name, lambda *args: None)  # drawn and checked by the test above
     g = torch.Generator().manual_seed(0)
     runs = {}
@@ -155,8 +210,10 @@ def test_training_figures_draw_from_two_logs(tmp_path, capsys, monkeypatch):
     assert make_figures.run_config(runs["collapse"]) is None
     out = tmp_path / "figures"
     make_figures.main(["--out", str(out), "--runs", str(tmp_path)])
-    assert ("wrote moe_block.png, gqa.png, kv_cache.png, rope_angles.png, attention_masks.png, attention.png, dispatch.png, "
-            "roofline.png, expert_load.png, loss.png, collapse.png") in capsys.readouterr().out
+    assert (
+        "wrote moe_block.png, gqa.png, kv_cache.png, rope_angles.png, attention_masks.png, attention.png, "
+        "dispatch.png, roofline.png, expert_load.png, loss.png, collapse.png"
+    ) in capsys.readouterr().out
     for name in ("expert_load.png", "loss.png", "collapse.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -165,8 +222,9 @@ def test_the_committed_runs_are_train_logs_of_the_same_shape():
     demo, collapse = make_figures.read_run("demo"), make_figures.read_run("collapse")
     assert demo[2]["router_aux_loss_coef"] == 0.01 and collapse[2]["router_aux_loss_coef"] == 0.0
     assert [r["step"] for r in demo[0]] == [r["step"] for r in collapse[0]] == list(range(10, 301, 10))
-    assert {k: v for k, v in demo[2].items() if k != "router_aux_loss_coef"} == \
-           {k: v for k, v in collapse[2].items() if k != "router_aux_loss_coef"}
+    assert {k: v for k, v in demo[2].items() if k != "router_aux_loss_coef"} == {
+        k: v for k, v in collapse[2].items() if k != "router_aux_loss_coef"
+    }
 
 
 def test_collapse_figure_needs_runs_of_the_same_shape(tmp_path):

@@ -8,6 +8,7 @@
     training.py      loss.png, expert_load.png
     dispatch.py      dispatch.png: the sorted dispatch of six tokens
     speed.py         roofline.png
+    experiments.py   experiments.png, specialisation.png: what the experts buy (walkthrough 11)
 
 docs/make_figures.py is the command that calls them (`make figures`).
 """

@@ -11,9 +11,21 @@ from nano_orion.attention import attention_mask
 from nano_orion.rope import rope_cos_sin
 
 from .runs import ROOT, cache_fill, example_routing
-from .style import (C_ATTN, C_CACHE, C_CHOSEN, C_EXPERT, C_MOE, C_NEW, C_NORM, C_RESID, C_ROUTER, arrow, box,
-                    canvas, pyplot)
-
+from .style import (
+    C_ATTN,
+    C_CACHE,
+    C_CHOSEN,
+    C_EXPERT,
+    C_MOE,
+    C_NEW,
+    C_NORM,
+    C_RESID,
+    C_ROUTER,
+    arrow,
+    box,
+    canvas,
+    pyplot,
+)
 
 # ---- moe_block.png: the decoder, one block, the MoE layer routing one token ----------------
 
@@ -22,11 +34,27 @@ def draw_decoder(ax, orion):
     """The decoder, bottom to top: embedding, n_layers blocks, final norm, lm_head."""
     canvas(ax, (0, 4.4), (0, 10))
     ax.set_title("the decoder (Orion-MoE8x7B)")
-    rows = [(0.6, "token ids (B, T)", "white"), (1.8, f"embedding\n{orion.vocab_size:,} × {orion.dim:,}", C_RESID),
-            (3.3, "block 0", C_MOE), (4.5, "block 1", C_MOE), (6.0, f"block {orion.n_layers - 1}", C_MOE),
-            (7.3, "final norm", C_NORM), (8.4, "lm_head", C_RESID), (9.5, f"logits (B, T, {orion.vocab_size:,})", "white")]
+    rows = [
+        (0.6, "token ids (B, T)", "white"),
+        (1.8, f"embedding\n{orion.vocab_size:,} × {orion.dim:,}", C_RESID),
+        (3.3, "block 0", C_MOE),
+        (4.5, "block 1", C_MOE),
+        (6.0, f"block {orion.n_layers - 1}", C_MOE),
+        (7.3, "final norm", C_NORM),
+        (8.4, "lm_head", C_RESID),
+        (9.5, f"logits (B, T, {orion.vocab_size:,})", "white"),
+    ]
     for y, text, color in rows:
-        box(ax, 2, y, 3.2, 0.8 if "\n" not in text else 0.95, text, color, edge="#444444" if color != "white" else "white")
+        box(
+            ax,
+            2,
+            y,
+            3.2,
+            0.8 if "\n" not in text else 0.95,
+            text,
+            color,
+            edge="#444444" if color != "white" else "white",
+        )
     for (y0, *_), (y1, *_) in zip(rows, rows[1:]):
         arrow(ax, (2, y0 + 0.45), (2, y1 - 0.45))
     ax.text(2, 5.25, "⋮", ha="center", va="center", fontsize=14)
@@ -45,8 +73,10 @@ def draw_block(ax):
     ax.plot([xr, xr], [0.3, 9.6], color="#888888", lw=2.5, zorder=0)
     arrow(ax, (xr, 9.2), (xr, 9.8), color="#888888", lw=2.5)
     ax.text(xr - 0.25, 0.5, "residual stream x", ha="right", va="bottom", rotation=90)
-    for y_norm, y_op, y_add, text, color in ((1.4, 2.9, 4.3, "attention\nGQA: 32 q / 8 kv heads\nRoPE, causal", C_ATTN),
-                                             (5.3, 6.8, 8.4, "MoE layer\n8 experts, top-2", C_MOE)):
+    for y_norm, y_op, y_add, text, color in (
+        (1.4, 2.9, 4.3, "attention\nGQA: 32 q / 8 kv heads\nRoPE, causal", C_ATTN),
+        (5.3, 6.8, 8.4, "MoE layer\n8 experts, top-2", C_MOE),
+    ):
         ax.plot([xr, 3.2], [y_norm - 0.55, y_norm - 0.55], color="#444444", lw=1.2)
         arrow(ax, (3.2, y_norm - 0.55), (3.2, y_norm - 0.3))
         box(ax, 3.2, y_norm, 2.0, 0.6, "norm", C_NORM)
@@ -74,12 +104,26 @@ def draw_moe_layer(ax, probs, experts, weights):
     top = base + probs.max().item() * scale + 0.5  # above the tallest bar and its label
     for e in range(n_experts):  # the 8 probabilities as bars
         xe, p = x0 + e * 0.82, probs[e].item()
-        ax.add_patch(Rectangle((xe, base), width, p * scale, facecolor="#6aa84f" if e in chosen else "#bbbbbb", edgecolor="#444444", lw=0.6))
+        ax.add_patch(
+            Rectangle(
+                (xe, base),
+                width,
+                p * scale,
+                facecolor="#6aa84f" if e in chosen else "#bbbbbb",
+                edgecolor="#444444",
+                lw=0.6,
+            )
+        )
         ax.text(xe + width / 2, base - 0.28, str(e), ha="center", va="center")
         ax.text(xe + width / 2, base + p * scale + 0.22, f"{p:.2f}", ha="center", va="center", fontsize=8.5)
     ax.text(x0 + 4 * 0.82 - 0.1, 0.55, "expert: softmax of the router's scores", ha="center")
     # a bracket over the bars, from which the top-2 step starts
-    ax.plot([x0, x0, x0 + 7 * 0.82 + width, x0 + 7 * 0.82 + width], [top - 0.12, top, top, top - 0.12], color="#444444", lw=1.0)
+    ax.plot(
+        [x0, x0, x0 + 7 * 0.82 + width, x0 + 7 * 0.82 + width],
+        [top - 0.12, top, top, top - 0.12],
+        color="#444444",
+        lw=1.0,
+    )
     arrow(ax, (6.2, top), (6.2, 4.45))
     label = ", ".join(f"{e}: {w:.3f}" for e, w in zip(experts.tolist(), weights.tolist()))
     box(ax, 6.2, 4.85, 6.2, 0.75, f"top-{len(experts)}, renormalised → {label}", C_ROUTER)
@@ -87,8 +131,18 @@ def draw_moe_layer(ax, probs, experts, weights):
     for e in range(n_experts):  # the experts; only the chosen two compute
         xe = x0 + e * 0.82 + width / 2
         on = e in chosen
-        box(ax, xe, y_exp, 0.7, 1.0, f"E{e}", C_CHOSEN if on else C_EXPERT, fontsize=9,
-            edge="#2d6a1f" if on else "#aaaaaa", weight="bold" if on else "normal")
+        box(
+            ax,
+            xe,
+            y_exp,
+            0.7,
+            1.0,
+            f"E{e}",
+            C_CHOSEN if on else C_EXPERT,
+            fontsize=9,
+            edge="#2d6a1f" if on else "#aaaaaa",
+            weight="bold" if on else "normal",
+        )
         if on:
             arrow(ax, (xe, 5.25), (xe, y_exp - 0.5), color="#2d6a1f")
             arrow(ax, (xe, y_exp + 0.5), (6.2, 8.45), color="#2d6a1f")
@@ -111,9 +165,13 @@ def plot_moe_block(out: Path):
     draw_moe_layer(c, *example_routing())
     # zoom lines: a block of the decoder is the middle panel, its MoE box the right one
     for ya, yb in ((3.3 + 0.4, 10), (3.3 - 0.4, 0)):
-        fig.add_artist(ConnectionPatch((3.6, ya), (0.05, yb), "data", "data", axesA=a, axesB=b, color="#bbbbbb", lw=0.8, ls="--"))
+        fig.add_artist(
+            ConnectionPatch((3.6, ya), (0.05, yb), "data", "data", axesA=a, axesB=b, color="#bbbbbb", lw=0.8, ls="--")
+        )
     for yb, yc in ((6.8 + 0.55, 10), (6.8 - 0.55, 0)):
-        fig.add_artist(ConnectionPatch((4.8, yb), (0.05, yc), "data", "data", axesA=b, axesB=c, color="#bbbbbb", lw=0.8, ls="--"))
+        fig.add_artist(
+            ConnectionPatch((4.8, yb), (0.05, yc), "data", "data", axesA=b, axesB=c, color="#bbbbbb", lw=0.8, ls="--")
+        )
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -129,8 +187,11 @@ def plot_gqa(out: Path):
     plt = pyplot()
     orion = nano_orion.OrionConfig.preset("orion-moe-8x7b")
     H = orion.n_heads
-    variants = [(f"multi-head (MHA): {H} kv heads", H), (f"grouped-query (GQA), Orion: {orion.n_kv_heads} kv heads", orion.n_kv_heads),
-                ("multi-query (MQA): 1 kv head", 1)]
+    variants = [
+        (f"multi-head (MHA): {H} kv heads", H),
+        (f"grouped-query (GQA), Orion: {orion.n_kv_heads} kv heads", orion.n_kv_heads),
+        ("multi-query (MQA): 1 kv head", 1),
+    ]
     fig, axes = plt.subplots(len(variants), 1, figsize=(10, 7.2))
     hue = plt.get_cmap("hsv")
     for ax, (title, n_kv) in zip(axes, variants):
@@ -146,16 +207,30 @@ def plot_gqa(out: Path):
             ax.plot([h + 0.5, kv_x], [1.32, 0.33], color=colors[kv], lw=0.9)
         for kv in range(n_kv):
             kv_x = (kv + 0.5) * group
-            box(ax, kv_x, 0.05, 0.8 if group == 1 else 1.6, 0.55,  # every head is head_dim numbers wide
-                f"kv {kv}" if group > 1 else str(kv), colors[kv], fontsize=8, alpha=0.8)
+            box(
+                ax,
+                kv_x,
+                0.05,
+                0.8 if group == 1 else 1.6,
+                0.55,  # every head is head_dim numbers wide
+                f"kv {kv}" if group > 1 else str(kv),
+                colors[kv],
+                fontsize=8,
+                alpha=0.8,
+            )
         ax.text(-3.1, 1.6, "query\nheads", ha="left", va="center")
         ax.text(-3.1, 0.05, "key/value\nheads", ha="left", va="center")
         kib = cfg.kv_cache_bytes_per_token() // 1024
         reads = "query head h reads kv head h" + (f" // {group}" if group > 1 else "")
-        ax.set_title(f"{title}: {reads}\nKV cache {kib} KiB per token "
-                     f"({kib * orion.max_seq_len // 1024:,} MiB per {orion.max_seq_len:,}-token sequence)", loc="left")
-    fig.suptitle(f"Which keys and values each of Orion's {H} query heads reads\n(head_dim {orion.head_dim}, bf16 cache, "
-                 f"all {orion.n_layers} layers)")
+        ax.set_title(
+            f"{title}: {reads}\nKV cache {kib} KiB per token "
+            f"({kib * orion.max_seq_len // 1024:,} MiB per {orion.max_seq_len:,}-token sequence)",
+            loc="left",
+        )
+    fig.suptitle(
+        f"Which keys and values each of Orion's {H} query heads reads\n(head_dim {orion.head_dim}, bf16 cache, "
+        f"all {orion.n_layers} layers)"
+    )
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -170,8 +245,15 @@ def plot_kv_cache(out: Path, prompt_len: int = 5, max_len: int = 8):
     plt = pyplot()
     after_prefill, after_decode = cache_fill(prompt_len, max_len)
     fig, axes = plt.subplots(2, 1, figsize=(9, 7.6))
-    steps = [("prefill: the whole prompt in one pass", list(range(prompt_len)), after_prefill, torch.zeros(max_len, dtype=torch.bool)),
-             ("decode step: one new token", [prompt_len], after_decode, after_prefill)]
+    steps = [
+        (
+            "prefill: the whole prompt in one pass",
+            list(range(prompt_len)),
+            after_prefill,
+            torch.zeros(max_len, dtype=torch.bool),
+        ),
+        ("decode step: one new token", [prompt_len], after_decode, after_prefill),
+    ]
     for ax, (title, new_positions, filled, before) in zip(axes, steps):
         canvas(ax, (-2.2, max_len + 2.4), (-1.9, 5.2))
         ax.set_title(title)
@@ -179,8 +261,15 @@ def plot_kv_cache(out: Path, prompt_len: int = 5, max_len: int = 8):
             box(ax, p + 0.5, 4.6, 0.8, 0.6, f"t{p}", C_NEW)
             arrow(ax, (p + 0.5, 4.28), (p + 0.5, 3.72))
         ax.text(-2.1, 4.6, "tokens in", va="center")
-        box(ax, (new_positions[0] + new_positions[-1]) / 2 + 0.5, 3.35, 0.9 * len(new_positions) + 0.3 if len(new_positions) > 1 else 1.2,
-            0.62, "q, k, v", C_ATTN)
+        box(
+            ax,
+            (new_positions[0] + new_positions[-1]) / 2 + 0.5,
+            3.35,
+            0.9 * len(new_positions) + 0.3 if len(new_positions) > 1 else 1.2,
+            0.62,
+            "q, k, v",
+            C_ATTN,
+        )
         for y, name in ((2.0, "K"), (1.2, "V")):  # the cache: keys, values; a column per slot
             ax.text(-2.1, y, f"cache {name}", va="center")
             for p in range(max_len):
@@ -200,19 +289,29 @@ def plot_kv_cache(out: Path, prompt_len: int = 5, max_len: int = 8):
         last = new_positions[-1]
         if len(new_positions) > 1:
             span = last + 1
-            text = (f"each of the {len(new_positions)} queries attends to the keys up to its own position (causal);\n"
-                    f"the {len(new_positions)} tokens share every weight read (compute-bound, for a long prompt)")
+            text = (
+                f"each of the {len(new_positions)} queries attends to the keys up to its own position (causal);\n"
+                f"the {len(new_positions)} tokens share every weight read (compute-bound, for a long prompt)"
+            )
         else:
             span = max_len  # the buffer has a fixed size and is read whole
-            text = (f"its one query reads all {max_len} slots of the buffer; the mask hides the {max_len - last - 1} "
-                    f"empty ones,\nso {last + 1} keys count ({last} cached + its own). Memory-bound: the active weights "
-                    "and the cache are read for 1 token")
-        ax.annotate("", xy=(-0.05, -0.35), xytext=(span + 0.05, -0.35), arrowprops=dict(arrowstyle="<->", color="#444444", lw=1))
+            text = (
+                f"its one query reads all {max_len} slots of the buffer; the mask hides the {max_len - last - 1} "
+                f"empty ones,\nso {last + 1} keys count ({last} cached + its own). Memory-bound: the active weights "
+                "and the cache are read for 1 token"
+            )
+        ax.annotate(
+            "", xy=(-0.05, -0.35), xytext=(span + 0.05, -0.35), arrowprops=dict(arrowstyle="<->", color="#444444", lw=1)
+        )
         ax.text(max_len / 2, -0.6, text, ha="center", va="top")
-    axes[0].text(max_len + 2.3, 4.6, f"then: logits of\nthe last position\n→ token t{prompt_len}", ha="right", va="center")
+    axes[0].text(
+        max_len + 2.3, 4.6, f"then: logits of\nthe last position\n→ token t{prompt_len}", ha="right", va="center"
+    )
     axes[1].text(max_len + 2.3, 4.6, f"→ token t{prompt_len + 1},\nand so on", ha="right", va="center")
-    fig.suptitle(f"The KV cache of one layer, read from a real KVCache\n(the fixture, a {prompt_len}-token prompt, room for "
-                 f"{max_len}). Red: written by this step; blue: cached earlier; white: empty")
+    fig.suptitle(
+        f"The KV cache of one layer, read from a real KVCache\n(the fixture, a {prompt_len}-token prompt, room for "
+        f"{max_len}). Red: written by this step; blue: cached earlier; white: empty"
+    )
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -227,9 +326,14 @@ def plot_rope(out: Path, head_dim=128, theta=1e6, n_positions=64):
     cos, sin = rope_cos_sin(head_dim, n_positions, theta)
     half = head_dim // 2  # planes; column i and i + half hold the same angle
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.4), gridspec_kw={"width_ratios": [1.2, 1]})
-    im = a.imshow(cos[:, :half].T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, origin="lower", interpolation="nearest")
-    a.set(xlabel="position p", ylabel=f"plane i (pairs dims i and i + {half})",
-          title=f"cos(p · θ^(-2i/{head_dim})), θ = {theta:,.0f}")
+    im = a.imshow(
+        cos[:, :half].T.numpy(), aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, origin="lower", interpolation="nearest"
+    )
+    a.set(
+        xlabel="position p",
+        ylabel=f"plane i (pairs dims i and i + {half})",
+        title=f"cos(p · θ^(-2i/{head_dim})), θ = {theta:,.0f}",
+    )
     fig.colorbar(im, ax=a, fraction=0.05)
     for th, style in ((theta, "-"), (1e4, "--")):
         c, s = rope_cos_sin(head_dim, 2, th)
@@ -258,15 +362,32 @@ def plot_masks(out: Path):
     padded = torch.tensor([[False] * 3 + [True] * 5])
     pad_labels = ["pad"] * 3 + [str(i) for i in range(5)]  # positions count real tokens only
     panels = [
-        ("causal, 8 tokens", attention_mask(torch.arange(T), T, full)[0, 0], [str(q) for q in range(T)], [str(k) for k in range(T)]),
-        ("3 new tokens after 5 cached\n(a chunked prefill)", attention_mask(torch.arange(5, T), T, full)[0, 0],
-         [str(q) for q in range(5, T)], [str(k) for k in range(T)]),
-        ("left-padded row:\n3 pads, 5 real tokens", attention_mask(torch.arange(T), T, padded)[0, 0], pad_labels, pad_labels),
+        (
+            "causal, 8 tokens",
+            attention_mask(torch.arange(T), T, full)[0, 0],
+            [str(q) for q in range(T)],
+            [str(k) for k in range(T)],
+        ),
+        (
+            "3 new tokens after 5 cached\n(a chunked prefill)",
+            attention_mask(torch.arange(5, T), T, full)[0, 0],
+            [str(q) for q in range(5, T)],
+            [str(k) for k in range(T)],
+        ),
+        (
+            "left-padded row:\n3 pads, 5 real tokens",
+            attention_mask(torch.arange(T), T, padded)[0, 0],
+            pad_labels,
+            pad_labels,
+        ),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(10, 4.2), layout="constrained")
     for ax, (title, mask, q_labels, k_labels) in zip(axes, panels):
         ax.imshow(mask.numpy(), cmap="Greens", vmin=-0.3, vmax=1.2, interpolation="nearest")
-        for (q, k), visible in zip(torch.cartesian_prod(torch.arange(mask.shape[0]), torch.arange(mask.shape[1])).tolist(), mask.flatten().tolist()):
+        for (q, k), visible in zip(
+            torch.cartesian_prod(torch.arange(mask.shape[0]), torch.arange(mask.shape[1])).tolist(),
+            mask.flatten().tolist(),
+        ):
             ax.text(k, q, "1" if visible else "·", ha="center", va="center", color="white" if visible else "black")
         ax.set_xticks(range(mask.shape[1]), k_labels)
         ax.set_yticks(range(mask.shape[0]), q_labels)
@@ -298,7 +419,9 @@ def plot_attention(out: Path, layer: int = 1):
         ax.set_title(f"head {h}")
         ax.set(xlabel="key (attended to)", ylabel="query")
     fig.colorbar(im, ax=axes, fraction=0.03, label="attention weight (each row sums to 1)")
-    fig.suptitle(f"Attention of the trained model's layer {layer} (docs/trained: {model.config.n_layers} layers, "
-                 f"{n_heads} heads) over one line of code;\nabove the diagonal: the causal mask's zeros")
+    fig.suptitle(
+        f"Attention of the trained model's layer {layer} (docs/trained: {model.config.n_layers} layers, "
+        f"{n_heads} heads) over one line of code;\nabove the diagonal: the causal mask's zeros"
+    )
     fig.savefig(out)
     plt.close(fig)

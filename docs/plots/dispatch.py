@@ -23,8 +23,14 @@ def dispatch_example(n_tokens: int = 6, seed: int = 0):
     _, weights, experts = route(layer.router(x), cfg.top_k)
     order = experts.flatten().argsort(stable=True)
     counts = expert_counts(experts, cfg.n_experts)
-    return {"experts": experts, "weights": weights, "order": order, "token": order // cfg.top_k,
-            "counts": counts, "ends": counts.cumsum(0)}
+    return {
+        "experts": experts,
+        "weights": weights,
+        "order": order,
+        "token": order // cfg.top_k,
+        "counts": counts,
+        "ends": counts.cumsum(0),
+    }
 
 
 def plot_dispatch(out: Path):
@@ -40,8 +46,13 @@ def plot_dispatch(out: Path):
     fig, ax = plt.subplots(figsize=(10, 6.6))
     canvas(ax, (-0.2, 10.2), (-1.2, n_pairs + 1.6))
     ax.set_aspect("auto")
-    y_pair = lambda i: n_pairs - 1 - i  # sorted pair i, top to bottom
-    y_token = lambda t: n_pairs - 1 - (t + 0.5) * n_pairs / n_tokens + 0.5
+
+    def y_pair(i):
+        return n_pairs - 1 - i  # sorted pair i, top to bottom
+
+    def y_token(t):
+        return n_pairs - 1 - (t + 0.5) * n_pairs / n_tokens + 0.5
+
     ax.text(1.1, n_pairs + 0.9, "tokens and their top-2\n(experts, weights)", ha="center", va="center")
     ax.text(5.0, n_pairs + 0.9, "pairs sorted by expert\n(order, token)", ha="center", va="center")
     ax.text(8.9, n_pairs + 0.9, "outputs, summed per token\n(index_add)", ha="center", va="center")
@@ -54,8 +65,18 @@ def plot_dispatch(out: Path):
         if end == start:  # an expert no token chose: an empty block
             empty.append(f"expert {e} (ends[{e}] = {end})")
             continue
-        ax.plot([6.15, 6.15], [y_pair(start) + 0.42, y_pair(end - 1) - 0.42], color=colors[e], lw=4, solid_capstyle="butt")
-        ax.text(3.85, (y_pair(start) + y_pair(end - 1)) / 2, f"E{e}", ha="right", va="center", color=colors[e], weight="bold")
+        ax.plot(
+            [6.15, 6.15], [y_pair(start) + 0.42, y_pair(end - 1) - 0.42], color=colors[e], lw=4, solid_capstyle="butt"
+        )
+        ax.text(
+            3.85,
+            (y_pair(start) + y_pair(end - 1)) / 2,
+            f"E{e}",
+            ha="right",
+            va="center",
+            color=colors[e],
+            weight="bold",
+        )
         start = end
     for i in range(n_pairs):
         pair, t = order[i].item(), token[i].item()
@@ -65,10 +86,18 @@ def plot_dispatch(out: Path):
         ax.plot([2.1, 3.95], [y_token(t), y_pair(i)], color="#aaaaaa", lw=0.7)
         ax.text(6.3, y_pair(i), f"×{w:.2f}", va="center", fontsize=9, color=colors[e])
         arrow(ax, (6.85, y_pair(i)), (8.1, y_token(t)), color=colors[e], lw=0.9)
-    ax.text(5.0, -0.75, "ends = " + str(ends.tolist()) + ("; empty blocks: " + ", ".join(empty) if empty else ""),
-            ha="center", va="center", fontsize=9)
-    fig.suptitle(f"Dropless dispatch of {n_tokens} tokens, top-{top_k} of {n_experts} experts: sort the {n_pairs} pairs "
-                 "by expert,\nmultiply each block by its expert, weight each row and add it back to its token")
+    ax.text(
+        5.0,
+        -0.75,
+        "ends = " + str(ends.tolist()) + ("; empty blocks: " + ", ".join(empty) if empty else ""),
+        ha="center",
+        va="center",
+        fontsize=9,
+    )
+    fig.suptitle(
+        f"Dropless dispatch of {n_tokens} tokens, top-{top_k} of {n_experts} experts: sort the {n_pairs} pairs "
+        "by expert,\nmultiply each block by its expert, weight each row and add it back to its token"
+    )
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

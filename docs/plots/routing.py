@@ -21,10 +21,23 @@ def share_norm(n_experts: int):
 
 
 def share_colorbar(fig, im, ax, n_experts, label):
-    bar = fig.colorbar(im, ax=ax, extend="max", ticks=[0, 0.5 / n_experts, 1 / n_experts, 1.5 / n_experts, 2 / n_experts],
-                       fraction=0.04, pad=0.02)
-    bar.ax.set_yticklabels(["0", f"{0.5 / n_experts:.3f}", f"1/{n_experts} = {1 / n_experts:.3f}", f"{1.5 / n_experts:.3f}",
-                            f"≥ {2 / n_experts:.3f}"])
+    bar = fig.colorbar(
+        im,
+        ax=ax,
+        extend="max",
+        ticks=[0, 0.5 / n_experts, 1 / n_experts, 1.5 / n_experts, 2 / n_experts],
+        fraction=0.04,
+        pad=0.02,
+    )
+    bar.ax.set_yticklabels(
+        [
+            "0",
+            f"{0.5 / n_experts:.3f}",
+            f"1/{n_experts} = {1 / n_experts:.3f}",
+            f"{1.5 / n_experts:.3f}",
+            f"≥ {2 / n_experts:.3f}",
+        ]
+    )
     bar.set_label(label)
     return bar
 
@@ -55,15 +68,24 @@ def plot_router(out: Path, routing: dict, layers=None):
             ax.set_xticks(range(len(pieces)), [printable(p) for p in pieces], rotation=90, fontsize=8)
         else:
             ax.set_xticks(range(len(pieces)), [""] * len(pieces))
-            ax.set_title(f"{lang}: {printable(sentences[lang]['text'])}", loc="left", pad=22 if byte_groups(pieces) else 6)
+            ax.set_title(
+                f"{lang}: {printable(sentences[lang]['text'])}", loc="left", pad=22 if byte_groups(pieces) else 6
+            )
             for first, last, ch in byte_groups(pieces):  # a bracket above the bytes of one character
-                ax.plot([first - 0.4, first - 0.4, last + 0.4, last + 0.4], [-0.75, -0.95, -0.95, -0.75],
-                        color="black", lw=0.8, clip_on=False)
+                ax.plot(
+                    [first - 0.4, first - 0.4, last + 0.4, last + 0.4],
+                    [-0.75, -0.95, -0.95, -0.75],
+                    color="black",
+                    lw=0.8,
+                    clip_on=False,
+                )
                 ax.text((first + last) / 2, -1.05, printable(ch), ha="center", va="bottom", clip_on=False)
     axes[0, 0].legend(loc="lower right", bbox_to_anchor=(1.0, 1.02), framealpha=0.9)
     share_colorbar(fig, im, axes[:, 0], n_experts, f"router probability (white: 1/{n_experts}, no preference)")
-    fig.suptitle(f"Routing in the {routing['checkpoint']} model: {n_layers} layers, {n_experts} experts, top-{top_k}\n"
-                 "one sentence in four languages; byte tokens bracketed by the character they spell")
+    fig.suptitle(
+        f"Routing in the {routing['checkpoint']} model: {n_layers} layers, {n_experts} experts, top-{top_k}\n"
+        "one sentence in four languages; byte tokens bracketed by the character they spell"
+    )
     fig.savefig(out)
     plt.close(fig)
 
@@ -79,14 +101,26 @@ def draw_load(ax, steps, shares, norm, title):
         ax.axhline(layer * n_experts - 0.5, color="black", lw=1.2)
     ax.set_yticks(range(n_layers * n_experts), [str(e) for _ in range(n_layers) for e in range(n_experts)], fontsize=8)
     for layer in range(n_layers):  # the layer of each group of rows, left of the expert numbers
-        ax.text(-0.09, layer * n_experts + (n_experts - 1) / 2, f"layer {layer}", transform=ax.get_yaxis_transform(),
-                rotation=90, ha="center", va="center")
+        ax.text(
+            -0.09,
+            layer * n_experts + (n_experts - 1) / 2,
+            f"layer {layer}",
+            transform=ax.get_yaxis_transform(),
+            rotation=90,
+            ha="center",
+            va="center",
+        )
     ax.set(xlabel="step", title=title)
     return im
 
 
-def plot_collapse(out: Path, balanced: list[dict], unbalanced: list[dict], top_k: int | None = None,
-                  evals: tuple[list[dict], list[dict]] = ((), ())):
+def plot_collapse(
+    out: Path,
+    balanced: list[dict],
+    unbalanced: list[dict],
+    top_k: int | None = None,
+    evals: tuple[list[dict], list[dict]] = ((), ()),
+):
     """Expert load of two runs side by side (with and without the load-balancing loss) on one
     colour scale centred on 1/n_experts; below, the aux loss each measured (logged also at
     coefficient 0) and their validation losses, one colour per run."""
@@ -94,7 +128,9 @@ def plot_collapse(out: Path, balanced: list[dict], unbalanced: list[dict], top_k
     (s1, sh1), (s2, sh2) = expert_shares(balanced), expert_shares(unbalanced)
     n_layers, n_experts = sh1.shape[1:]
     if sh2.shape[1:] != sh1.shape[1:]:
-        raise ValueError(f"the two runs have different shapes: {tuple(sh1.shape[1:])} and {tuple(sh2.shape[1:])} (layers, experts)")
+        raise ValueError(
+            f"the two runs have different shapes: {tuple(sh1.shape[1:])} and {tuple(sh2.shape[1:])} (layers, experts)"
+        )
     fig = plt.figure(figsize=(10, 0.2 * n_layers * n_experts + 4.6), layout="constrained")
     grid = fig.add_gridspec(2, 2, height_ratios=[0.2 * n_layers * n_experts, 2.6])
     a, b = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
@@ -111,11 +147,24 @@ def plot_collapse(out: Path, balanced: list[dict], unbalanced: list[dict], top_k
         color = RUN_COLORS[name]
         c.plot(steps.numpy(), [r["aux_loss"] for r in records], color=color, lw=1.2, label=f"{name} the loss")
         if ev:
-            d.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], color=color, marker="o", lw=1.2,
-                   label=f"{name}: " + ", ".join(f"{r['val_loss']:.3f}" for r in ev))
+            d.plot(
+                [r["step"] for r in ev],
+                [r["val_loss"] for r in ev],
+                color=color,
+                marker="o",
+                lw=1.2,
+                label=f"{name}: " + ", ".join(f"{r['val_loss']:.3f}" for r in ev),
+            )
     if top_k:
         c.axhline(top_k, color="gray", lw=0.8, ls=":")
-        c.text(max(s1[-1], s2[-1]).item(), top_k - 0.04, f"{top_k} = top_k: even routing", ha="right", va="top", color="gray")
+        c.text(
+            max(s1[-1], s2[-1]).item(),
+            top_k - 0.04,
+            f"{top_k} = top_k: even routing",
+            ha="right",
+            va="top",
+            color="gray",
+        )
         c.set_ylim(top_k - 0.3, None)
     c.set(xlabel="step", ylabel="aux loss (mean over layers)", title="aux loss (measured in both runs)")
     c.legend(loc="center right")

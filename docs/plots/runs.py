@@ -101,13 +101,22 @@ def record_routing(checkpoint, path):
     (JSON): per sentence its pieces, and per layer each token's probabilities (5 decimals) and
     chosen experts. router.png and the numbers docs/05_moe.md quotes are read from it."""
     model, tokenizer = nano_orion.load(checkpoint)
-    record = {"checkpoint": Path(checkpoint).name, "n_experts": model.config.n_experts, "top_k": model.config.top_k,
-              "sentences": {}}
+    record = {
+        "checkpoint": Path(checkpoint).name,
+        "n_experts": model.config.n_experts,
+        "top_k": model.config.top_k,
+        "sentences": {},
+    }
     for lang, text in SENTENCES.items():
         pieces, routers = route_sentence(model, tokenizer, text)
-        record["sentences"][lang] = {"text": text, "pieces": pieces, "layers": [
-            {"probs": [[round(p, 5) for p in row] for row in probs.tolist()], "experts": experts.tolist()}
-            for probs, experts in routers]}
+        record["sentences"][lang] = {
+            "text": text,
+            "pieces": pieces,
+            "layers": [
+                {"probs": [[round(p, 5) for p in row] for row in probs.tolist()], "experts": experts.tolist()}
+                for probs, experts in routers
+            ],
+        }
     Path(path).write_text(json.dumps(record, ensure_ascii=False) + "\n")
 
 
@@ -116,7 +125,9 @@ def read_routing(path) -> dict:
     "pieces", "layers": [(probs (T, n_experts), experts (T, top_k)) per layer]}}}."""
     record = json.loads(Path(path).read_text())
     for sentence in record["sentences"].values():
-        sentence["layers"] = [(torch.tensor(layer["probs"]), torch.tensor(layer["experts"])) for layer in sentence["layers"]]
+        sentence["layers"] = [
+            (torch.tensor(layer["probs"]), torch.tensor(layer["experts"])) for layer in sentence["layers"]
+        ]
     return record
 
 

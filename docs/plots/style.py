@@ -10,8 +10,15 @@ from pathlib import Path
 # shows it about 900 pixels wide: 9 inches at 100 dpi.
 PAGE_WIDTH, DPI = 9.0, 100
 # Fonts with Chinese, Japanese and Korean glyphs, in order of preference (Debian: fonts-noto-cjk).
-CJK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK TC", "Noto Sans CJK KR", "Source Han Sans",
-             "WenQuanYi Zen Hei", "Droid Sans Fallback")
+CJK_FONTS = (
+    "Noto Sans CJK JP",
+    "Noto Sans CJK SC",
+    "Noto Sans CJK TC",
+    "Noto Sans CJK KR",
+    "Source Han Sans",
+    "WenQuanYi Zen Hei",
+    "Droid Sans Fallback",
+)
 
 
 def pyplot():
@@ -22,8 +29,18 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"figure.dpi": DPI, "savefig.dpi": DPI, "font.size": 10, "axes.titlesize": 11,
-                         "axes.labelsize": 10, "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 9})
+    plt.rcParams.update(
+        {
+            "figure.dpi": DPI,
+            "savefig.dpi": DPI,
+            "font.size": 10,
+            "axes.titlesize": 11,
+            "axes.labelsize": 10,
+            "xtick.labelsize": 9,
+            "ytick.labelsize": 9,
+            "legend.fontsize": 9,
+        }
+    )
     cjk = cjk_font()
     if cjk:  # DejaVu Sans first (its Latin glyphs), the CJK font for what DejaVu lacks
         plt.rcParams["font.family"] = ["DejaVu Sans", cjk]
@@ -44,8 +61,11 @@ def cjk_font() -> str | None:
             for path in font_manager.findSystemFonts():
                 if any(key in Path(path).name for key in ("CJK", "wqy", "DroidSansFallback", "SourceHan")):
                     font_manager.fontManager.addfont(path)
-    warnings.warn("no font with Chinese, Japanese and Korean glyphs is installed (Debian: apt-get install "
-                  "fonts-noto-cjk): router.png spells those characters as U+XXXX", stacklevel=2)
+    warnings.warn(
+        "no font with Chinese, Japanese and Korean glyphs is installed (Debian: apt-get install "
+        "fonts-noto-cjk): router.png spells those characters as U+XXXX",
+        stacklevel=2,
+    )
     return None
 
 
@@ -71,15 +91,34 @@ def printable(piece: str) -> str:
 
 # Colours of the diagrams: one per kind of thing, the same in every figure.
 C_RESID, C_NORM, C_ATTN, C_MOE, C_ROUTER, C_EXPERT, C_CHOSEN, C_CACHE, C_NEW = (
-    "#f2f2f2", "#fff2cc", "#dae8fc", "#e1d5e7", "#ffe6cc", "#eeeeee", "#d5e8d4", "#dae8fc", "#f8cecc")
+    "#f2f2f2",
+    "#fff2cc",
+    "#dae8fc",
+    "#e1d5e7",
+    "#ffe6cc",
+    "#eeeeee",
+    "#d5e8d4",
+    "#dae8fc",
+    "#f8cecc",
+)
 
 
 def box(ax, x, y, w, h, text, color="white", fontsize=9, edge="#444444", weight="normal", **kw):
     """A rounded box centred at (x, y), w wide and h high, with centred text."""
     from matplotlib.patches import FancyBboxPatch
 
-    ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
-                                facecolor=color, edgecolor=edge, lw=1.0, **kw))
+    ax.add_patch(
+        FancyBboxPatch(
+            (x - w / 2, y - h / 2),
+            w,
+            h,
+            boxstyle="round,pad=0.02,rounding_size=0.08",
+            facecolor=color,
+            edgecolor=edge,
+            lw=1.0,
+            **kw,
+        )
+    )
     if text:
         ax.text(x, y, text, ha="center", va="center", fontsize=fontsize, weight=weight)
 
@@ -87,8 +126,9 @@ def box(ax, x, y, w, h, text, color="white", fontsize=9, edge="#444444", weight=
 def arrow(ax, start, end, color="#444444", lw=1.2, style="-|>", **kw):
     from matplotlib.patches import FancyArrowPatch
 
-    ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=11, color=color, lw=lw,
-                                 shrinkA=0, shrinkB=0, **kw))
+    ax.add_patch(
+        FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=11, color=color, lw=lw, shrinkA=0, shrinkB=0, **kw)
+    )
 
 
 def canvas(ax, xlim, ylim):

@@ -14,12 +14,19 @@ def plot_expert_load(out: Path, train: list[dict]):
     plt = pyplot()
     steps, shares = expert_shares(train)
     n_layers, n_experts = shares.shape[1:]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 0.17 * n_layers * n_experts + 1.8), layout="constrained",
-                               gridspec_kw={"width_ratios": [1.3, 1]})
+    fig, (a, b) = plt.subplots(
+        1,
+        2,
+        figsize=(10, 0.17 * n_layers * n_experts + 1.8),
+        layout="constrained",
+        gridspec_kw={"width_ratios": [1.3, 1]},
+    )
     im = draw_load(a, steps, shares, share_norm(n_experts), "each expert's share of its layer's slots")
     share_colorbar(fig, im, a, n_experts, "share of the layer's routed slots")
     for layer in range(n_layers):
-        b.plot(steps.numpy(), shares[:, layer].max(-1).values.numpy(), color=f"C{layer}", lw=1.2, label=f"layer {layer}")
+        b.plot(
+            steps.numpy(), shares[:, layer].max(-1).values.numpy(), color=f"C{layer}", lw=1.2, label=f"layer {layer}"
+        )
         b.plot(steps.numpy(), shares[:, layer].min(-1).values.numpy(), color=f"C{layer}", lw=1.2, ls="--")
     b.axhline(1 / n_experts, color="gray", lw=0.8, ls=":")
     b.text(steps[-1].item(), 1 / n_experts, f"1/{n_experts}: perfect balance", ha="right", va="bottom", color="gray")
@@ -42,7 +49,14 @@ def plot_loss(out: Path, train: list[dict], evals: list[dict], config: dict | No
     if config:
         uniform = math.log(config["vocab_size"])
         a.axhline(uniform, color="gray", lw=0.8, ls="--")
-        a.text(step[-1], uniform + 0.05, f"ln {config['vocab_size']} = {uniform:.2f}", ha="right", va="bottom", color="gray")
+        a.text(
+            step[-1],
+            uniform + 0.05,
+            f"ln {config['vocab_size']} = {uniform:.2f}",
+            ha="right",
+            va="bottom",
+            color="gray",
+        )
         a.set_ylim(top=uniform + 0.6)
     a.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
     a.legend(loc="upper right", bbox_to_anchor=(1.0, 0.85))
