@@ -124,3 +124,12 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "zen.txt"
     path.write_text((zen + "\n\n") * 40)
     return path
+
+
+def assert_same_with_gradients(out, ref, inputs):
+    """out equals ref, and so do the gradients of a loss of each with respect to `inputs`."""
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-5)
+    grads_out = torch.autograd.grad(out.square().sum(), inputs)
+    grads_ref = torch.autograd.grad(ref.square().sum(), inputs)
+    for a, b in zip(grads_out, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)

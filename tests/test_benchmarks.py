@@ -11,27 +11,12 @@ from torch._dynamo.utils import counters
 from benchmarks import bench_gpu, bench_train
 from nano_orion import Orion, OrionConfig
 
+# bench_gpu on the CPU at tiny sizes: the toy shape, one layer beside transformers, short prompts
+TINY_RUN = "--device cpu --config toy --hf-layers 1 --prompt-tokens 8 --long 24"
+
 
 def test_bench_gpu_runs_and_prints_its_table(capsys):
-    status = bench_gpu.main(
-        [
-            "--device",
-            "cpu",
-            "--config",
-            "toy",
-            "--layers",
-            "2",
-            "--hf-layers",
-            "1",
-            "--prompt-tokens",
-            "8",
-            "--long",
-            "24",
-            "--new-tokens",
-            "6",
-            "--no-compile",
-        ]
-    )
+    status = bench_gpu.main(TINY_RUN.split() + ["--layers", "2", "--new-tokens", "6", "--no-compile"])
     out = capsys.readouterr().out
     assert status == 0 and "failed" not in out
     table = [line for line in out.splitlines() if line.startswith("| ")]
@@ -70,24 +55,7 @@ def test_a_failing_measurement_costs_only_its_own_cells(monkeypatch, capsys):
         raise RuntimeError("no kernel for this shape\nsecond line")
 
     monkeypatch.setattr(bench_gpu, "compile_decode_step", no_compiler)
-    status = bench_gpu.main(
-        [
-            "--device",
-            "cpu",
-            "--config",
-            "toy",
-            "--layers",
-            "1",
-            "--hf-layers",
-            "1",
-            "--prompt-tokens",
-            "8",
-            "--long",
-            "24",
-            "--new-tokens",
-            "4",
-        ]
-    )
+    status = bench_gpu.main(TINY_RUN.split() + ["--layers", "1", "--new-tokens", "4"])
     captured = capsys.readouterr()
     table = [
         line.split(" | ")

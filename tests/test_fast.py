@@ -6,13 +6,15 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_moe import random_experts, routing_problems
 
 import nano_orion.fast
 from nano_orion import Orion, OrionConfig
 from nano_orion.fast import FastExperts, accelerate, grouped_mm_dtype, moe_gathered, moe_grouped_mm, moe_one_token
 from nano_orion.moe import Experts, moe_reference, route
 from nano_orion.quantize import Int8Experts, quantize_model
+
+from conftest import assert_same_with_gradients
+from test_moe import random_experts, routing_problems
 
 # Whether this torch runs F.grouped_mm on the CPU (from 2.13, which make test installs; a GPU
 # machine's python may be older).
@@ -31,12 +33,7 @@ def test_grouped_mm_equals_reference_loop(problem, dim, ffn_dim):
     _, weights, experts = route(logits, top_k)
     fast = moe_grouped_mm(x, weights, experts, w1, w3, w2, torch.float32)
     slow = moe_reference(x, weights, experts, w1, w3, w2)
-    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-5)
-    # Gradients agree too, so training may use the fast path.
-    grads_fast = torch.autograd.grad(fast.square().sum(), (x, w1, w3, w2))
-    grads_slow = torch.autograd.grad(slow.square().sum(), (x, w1, w3, w2))
-    for a, b in zip(grads_fast, grads_slow):
-        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+    assert_same_with_gradients(fast, slow, (x, w1, w3, w2))  # so training may use the fast path
 
 
 @pytest.mark.skipif(nano_orion.fast.TORCH_VERSION < (2, 13), reason="F.grouped_mm runs on the CPU from torch 2.13")

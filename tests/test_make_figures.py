@@ -141,8 +141,8 @@ def test_main_draws_every_figure_and_skips_those_whose_runs_are_missing(tmp_path
     assert (out / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_record_routing_writes_what_the_router_did_and_router_png_draws_it(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("matplotlib")
+def skip_the_figures_of_the_first_test(monkeypatch):
+    """The figures that need no run are drawn and checked by the first test; later tests skip them."""
     for name in (
         "plot_moe_block",
         "plot_gqa",
@@ -153,7 +153,12 @@ def test_record_routing_writes_what_the_router_did_and_router_png_draws_it(tmp_p
         "plot_dispatch",
         "plot_roofline",
     ):
-        monkeypatch.setattr(make_figures, name, lambda *args: None)  # drawn and checked by the test above
+        monkeypatch.setattr(make_figures, name, lambda *args: None)
+
+
+def test_record_routing_writes_what_the_router_did_and_router_png_draws_it(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    skip_the_figures_of_the_first_test(monkeypatch)
     runs, out = tmp_path / "runs", tmp_path / "figures"
     make_figures.main(
         ["--out", str(out), "--runs", str(runs), "--record-routing", str(FIXTURES / "orion-mini-rmsnorm")]
@@ -187,17 +192,7 @@ def test_roofline_points_place_decode_left_of_the_ridge_and_prefill_right():
 
 def test_training_figures_draw_from_two_logs(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
-    for name in (
-        "plot_moe_block",
-        "plot_gqa",
-        "plot_kv_cache",
-        "plot_rope",
-        "plot_masks",
-        "plot_attention",
-        "plot_dispatch",
-        "plot_roofline",
-    ):
-        monkeypatch.setattr(make_figures, name, lambda *args: None)  # drawn and checked by the test above
+    skip_the_figures_of_the_first_test(monkeypatch)
     g = torch.Generator().manual_seed(0)
     runs = {}
     for name in ("demo", "collapse"):
