@@ -1,4 +1,6 @@
-"""nano_orion computes the same function as independent implementations."""
+"""nano_orion computes the same function as independent implementations: the fixtures' reference
+logits, and transformers' MixtralForCausalLM holding the same weights (hf_mixtral.to_mixtral,
+tested here)."""
 
 import torch
 from hypothesis import given, settings
