@@ -1,4 +1,4 @@
-"""Faster ways to run the experts, swapped in for the plain ones: `accelerate(model)`.
+"""Faster ways to run the experts and the linears, swapped in for the plain ones (`accelerate`).
 
 The model's modules compute everything one plain way (moe.py: the experts sort the tokens
 into one block per expert and multiply the blocks one by one). That is right everywhere
