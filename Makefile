@@ -3,7 +3,7 @@
 #   make demo      train the toy model on the CPU from scratch (a few minutes), then generate from it
 #   make test      run the test suite
 #   make lint      check the code's style with ruff (pyproject.toml says which rules)
-#   make bench     speed against transformers' MixtralForCausalLM on the same weights (CPU)
+#   make bench     speed against transformers' MixtralForCausalLM on the same weights, and against the read bandwidth (CPU)
 #   make figures   redraw docs/figures/*.png from the code and the committed runs in docs/runs/
 #   make docs-runs replace docs/runs/ with make demo's and make collapse-demo's runs, and redraw
 #   make docs-model      retrain docs/trained/, the small model walkthroughs 4 and 7 show (a minute)
@@ -105,8 +105,9 @@ experiments: install
 	$(PY) scripts/experiments.py specialisation --ckpt $(DEMO_OUT)
 
 # ---- speed: generation, then training, each against transformers in one run ----
-# GEN_BENCH_ARGS: e.g. "--threads 1 --compile" adds a torch.compile'd decode step (a minute or two more).
-GEN_BENCH_ARGS ?= --threads 1
+# GEN_BENCH_ARGS: --compile adds torch.compile'd decode steps to the race and to the roofline table
+# (float32, bfloat16 and int8 at 1 and 2 threads: a few minutes of compiling); drop it for eager only.
+GEN_BENCH_ARGS ?= --threads 1 --compile
 TRAIN_BENCH_ARGS ?=
 bench: install
 	$(PY) -m benchmarks.bench_generate $(GEN_BENCH_ARGS)

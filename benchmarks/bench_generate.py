@@ -1,11 +1,18 @@
-"""Generation speed: nano_orion vs transformers' MixtralForCausalLM on the same weights.
+"""Generation speed: nano_orion vs transformers' MixtralForCausalLM on the same weights, and
+nano_orion's batch-1 decoding against the CPU's read bandwidth.
 
-Same random weights, same prompt, CPU, float32, greedy. Measures, in one run:
+The race: same random weights, same prompt, CPU, float32, greedy. Measures, in one run:
   * batch-1 decode tokens/s (the number a chat user feels), and its ratio;
   * prefill time of a 512-token prompt;
   * batch-8 decode tokens/s.
 Decode rate = (N - 1) / (time for N new tokens - time for 1 new token), so the prefill
 is not counted. Each timing is the best of a few repeats (the machine may be shared).
+
+The roofline table: batch-1 decoding reads every weight a token needs once, so its speed
+is bounded by bandwidth / bytes read per token. For each thread count it measures the read
+bandwidth (summing a tensor as big as the float32 model's bytes per token, best of
+several), then, for float32, bfloat16 and int8 weights (quantize.py), eager and compiled:
+tokens/s, the bytes of weights read per token, and tokens/s as a share of that bound.
 
     make bench      # or: python -m benchmarks.bench_generate [--config toy] [--threads 1] [--compile]
 """
@@ -17,10 +24,12 @@ import time
 import torch
 
 import nano_orion
+from benchmarks.bench_gpu import bytes_per_token
 from nano_orion import Orion, OrionConfig
 from nano_orion.cli import ArgumentParser, HelpFormatter
 from nano_orion.fast import accelerate
 from nano_orion.hf_mixtral import to_mixtral
+from nano_orion.quantize import quantize_model
 from nano_orion.sampler import compile_decode_step
 
 # Two shapes, both Orion's architecture (8 experts top-2, GQA, RMSNorm as in Mixtral):
@@ -45,6 +54,21 @@ CONFIGS = {
     ),
 }
 
+# The roofline table's shape: Orion's architecture at 5.9 M parameters read per token (24 MB
+# in float32), small enough to stay in the CPU's caches, so the bound is the caches' bandwidth.
+ROOFLINE_CONFIG = OrionConfig(
+    vocab_size=8192,
+    dim=256,
+    n_layers=4,
+    n_heads=8,
+    n_kv_heads=2,
+    ffn_dim=512,
+    n_experts=8,
+    top_k=2,
+    norm_type="rmsnorm",
+    max_seq_len=512,
+)
+
 
 def best_times(fns: dict, repeats: int) -> dict:
     """Best wall time of each function, the functions taking turns so that a busy spell on a
@@ -58,7 +82,7 @@ def best_times(fns: dict, repeats: int) -> dict:
     return {name: min(t) for name, t in times.items()}
 
 
-def main():
+def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--config",
@@ -80,7 +104,14 @@ def main():
         default=torch.get_num_threads(),
         help="torch CPU threads (default: torch's choice, %(default)s here)",
     )
-    args = parser.parse_args()
+    parser.add_argument(
+        "--roofline-threads",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="thread counts of the roofline table (none: no table); its compiled rows need --compile",
+    )
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
@@ -88,6 +119,8 @@ def main():
     )
     for name in args.config or CONFIGS:
         run(name, CONFIGS[name], args)
+    if args.roofline_threads:
+        roofline(ROOFLINE_CONFIG, args)
 
 
 def run(name: str, c: OrionConfig, args):
@@ -169,6 +202,71 @@ def run(name: str, c: OrionConfig, args):
     print(f"{'':28s}{'nano_orion':>12s}{'transformers':>14s}{'speed-up':>10s}")
     for label, ours, theirs, ratio in rows:
         print(f"{label:28s}{ours:12.1f}{theirs:14.1f}{ratio:9.2f}x")
+
+
+def read_bandwidth(n_bytes: int, repeats: int = 10) -> float:
+    """Bytes per second that summing a float32 tensor of n_bytes reads, best of `repeats`."""
+    x = torch.randn(n_bytes // 4)
+    x.sum()
+    return n_bytes / best_times({"sum": x.sum}, repeats)["sum"]
+
+
+def decode_models(c: OrionConfig) -> dict:
+    """The roofline table's models: the same random weights in float32, bfloat16 and int8."""
+    models = {}
+    for dtype in ("float32", "bfloat16", "int8"):
+        torch.manual_seed(0)
+        model = accelerate(Orion(c)).eval()
+        if dtype == "bfloat16":
+            model.to(torch.bfloat16)
+        if dtype == "int8":
+            quantize_model(model)
+        models[dtype] = model
+    return models
+
+
+def roofline(c: OrionConfig, args) -> list[dict]:
+    """Print (and return) the roofline table (module docstring): one row per thread count,
+    weights' dtype and way of running (eager, compiled)."""
+    models = decode_models(c)
+    N = args.new_tokens
+    prompt = torch.randint(3, c.vocab_size, (1, args.prompt_tokens))
+    reference = nano_orion.generate(models["float32"], prompt, 16)  # eager float32's greedy tokens
+    rows = []
+    for threads in args.roofline_threads:
+        torch.set_num_threads(threads)
+        bandwidth = read_bandwidth(bytes_per_token(models["float32"]))
+        for dtype, model in models.items():
+            steps = {"eager": None}
+            if args.compile:
+                torch._dynamo.reset()  # compiled CPU code is specialised to the thread count
+                steps["compiled"] = compile_decode_step(model)
+            for way, step in steps.items():
+
+                def gen(n):
+                    return nano_orion.generate(model, prompt, n, decode_step=step)
+
+                gen(2)  # warm up
+                t = best_times({"N": lambda: gen(N), "2": lambda: gen(2)}, args.repeats)
+                tok_s = (N - 2) / (t["N"] - t["2"])
+                read = bytes_per_token(model)
+                same = torch.equal(gen(16), reference)
+                rows.append(
+                    dict(threads=threads, dtype=dtype, way=way, tok_s=tok_s, read=read, bandwidth=bandwidth, same=same)
+                )
+    torch.set_num_threads(args.threads)
+    print(f"\n== roofline, batch-1 greedy decoding: {c}")
+    print(
+        "| threads | weights | step | tok/s | MB read/token | read GB/s | share of roofline | tokens = eager float32 |"
+    )
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for r in rows:
+        share = r["tok_s"] * r["read"] / r["bandwidth"]
+        print(
+            f"| {r['threads']} | {r['dtype']} | {r['way']} | {r['tok_s']:,.0f} | {r['read'] / 1e6:.1f} | "
+            f"{r['bandwidth'] / 1e9:.1f} | {share:.0%} | {'yes' if r['same'] else 'no'} |"
+        )
+    return rows
 
 
 if __name__ == "__main__":

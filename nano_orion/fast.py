@@ -1,4 +1,4 @@
-"""Faster ways to run the experts, swapped in for the plain ones: `accelerate(model)`.
+"""Faster ways to run the experts and the linears, swapped in for the plain ones (`accelerate`).
 
 The model's modules compute everything one plain way (moe.py: the experts sort the tokens
 into one block per expert and multiply the blocks one by one). That is right everywhere
@@ -14,6 +14,15 @@ same mixture, depending on how many tokens there are and where they are:
     expert's weights, read in place by gemv.py's kernel (`moe_gathered`), without the host
     learning which experts were chosen;
   * one token on the CPU: its top_k experts one after another (`moe_one_token`).
+
+The other matrices, attention's projections and the output layer, are plain nn.Linear. In a
+compiled decoding step on the CPU with bfloat16 or int8 weights, a one-row matmul is the
+wrong kernel: a bf16 one goes to a oneDNN kernel with a high fixed cost per call, and an int8
+weight would be converted to a float copy first. Written as a product and a sum instead
+(`gemv_fused`), torch.compile turns x @ W.T into one loop that reads each weight once, in
+its own dtype, and accumulates in float32. `FastLinear` does that where it pays and is
+plain nn.Linear elsewhere; `accelerate_linears(model)` puts it in place (compile_decode_step
+does), and quantize.Int8Linear computes the same way.
 
 `FastExperts` chooses among them each call and holds the very parameters of the plain
 `Experts` it replaces, so a swapped model trains, saves and loads as before.
@@ -87,6 +96,31 @@ def moe_one_token(x, weights, experts, w1, w3, w2):
     return y
 
 
+def gemv_fused(x, w, scale=None):
+    """x (..., in) @ w (out, in).T, times scale (out,) if given, in x's dtype: for a few rows
+    in a compiled step (module docstring), where it compiles to one loop reading w once."""
+    y = (x.float()[..., None, :] * w.float()).sum(-1)
+    return (y if scale is None else y * scale.float()).to(x.dtype)
+
+
+def fuses_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether gemv_fused beats F.linear for x @ w.T: a few rows of bf16 or int8 weights,
+    compiled, on the CPU (module docstring)."""
+    few = x.numel() <= DECODE_TOKENS * x.shape[-1] and not torch.is_grad_enabled()
+    return few and w.dtype != torch.float32 and x.device.type == "cpu" and torch.compiler.is_compiling()
+
+
+class FastLinear(nn.Module):
+    """A bias-free nn.Linear's weight, multiplied by gemv_fused where that is faster."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight  # the same Parameter, not a copy
+
+    def forward(self, x):
+        return gemv_fused(x, self.weight) if fuses_gemv(x, self.weight) else F.linear(x, self.weight)
+
+
 class FastExperts(nn.Module):
     """moe.Experts' parameters, multiplied by the way that suits the call (module docstring)."""
 
@@ -114,4 +148,14 @@ def accelerate(model):
     for block in model.layers:
         if type(block.moe.experts) is Experts:
             block.moe.experts = FastExperts(block.moe.experts)
+    return model
+
+
+def accelerate_linears(model):
+    """Swap every bias-free nn.Linear of `model` for FastLinear, in place, and return the model.
+    The weights stay the same tensors. int8 ones (quantize.Int8Linear) already compute this way."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Linear and child.bias is None:
+                setattr(module, name, FastLinear(child))
     return model

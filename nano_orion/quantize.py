@@ -9,8 +9,8 @@ activations stay in the model's dtype, and a product W x is computed as (q x) * 
 scale multiplies the outputs, never a converted copy of the weights. Decoding at batch 1
 is limited by reading weights from memory, so one byte per weight instead of two is up to
 2x faster, where the conversion happens as each weight is read: gemv.expert_gemv's kernel
-on a GPU. Many tokens at once (a prompt) are limited by arithmetic instead, and there the
-weights are converted first and multiplied as usual.
+on a GPU, fast.gemv_fused compiled on the CPU. Many tokens at once (a prompt) are limited
+by arithmetic instead, and there the weights are converted first and multiplied as usual.
 
 Quantized: attention's wq, wk, wv, wo, every expert's w1, w3, w2 (per expert, per output
 channel), and lm_head: 99% of the bytes. Kept in high precision: the embedding (a table
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemv
-from .fast import DECODE_TOKENS, grouped_mm_dtype, moe_gathered, moe_grouped_mm
+from .fast import DECODE_TOKENS, fuses_gemv, gemv_fused, grouped_mm_dtype, moe_gathered, moe_grouped_mm
 from .moe import Experts, moe_grouped
 
 
@@ -54,6 +54,8 @@ class Int8Linear(nn.Module):
                 rows, self.weight[None], torch.zeros(len(rows), dtype=torch.long, device=x.device), self.scale[None]
             )
             return y.view(*x.shape[:-1], -1)
+        if fuses_gemv(x, self.weight):  # compiled on the CPU: int8 read and converted in the fused loop
+            return gemv_fused(x, self.weight, self.scale)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fast import accelerate
+from .fast import accelerate, accelerate_linears
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,9 @@ def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
     (left-padded if `padded`), not on the first real tokens. A batch of another size, or with
     padding where the warm-up had none, compiles once more when it first runs. The model's
     experts are made fast first, in place (fast.accelerate): the plain ones ask the host for
-    their block sizes, which a compiled graph cannot."""
-    accelerate(model)
+    their block sizes, which a compiled graph cannot; and its linears too
+    (fast.accelerate_linears: one-row bf16 matmuls compiled as fused loops on the CPU)."""
+    accelerate_linears(accelerate(model))
     device = model.embed.weight.device
     options = {"triton.cudagraphs": device.type == "cuda", "coordinate_descent_tuning": True}
     step = torch.compile(decode_step_of(model), fullgraph=True, options=options)

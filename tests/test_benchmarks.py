@@ -3,12 +3,13 @@ must not be the first time their code executes."""
 
 import argparse
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from benchmarks import bench_gpu, bench_train
+from benchmarks import bench_generate, bench_gpu, bench_train
 from nano_orion import Orion, OrionConfig
 
 # bench_gpu on the CPU at tiny sizes: the toy shape, one layer beside transformers, short prompts
@@ -76,6 +77,24 @@ def test_bench_gpu_counts_the_bytes_a_token_reads():
         model = Orion(OrionConfig.preset("orion-moe-8x7b", norm_type="rmsnorm")).to(torch.bfloat16)
     active = model.config.n_active_params()
     assert bench_gpu.bytes_per_token(model) == pytest.approx(2 * active, rel=1e-3)
+
+
+def test_bench_generate_prints_the_roofline_table(capsys):
+    """Every dtype, eager and compiled, at each thread count, with the bytes it reads; compiled
+    float32 decodes the very tokens of eager float32 (timings are not checked: the machine may be busy)."""
+    config = replace(bench_generate.ROOFLINE_CONFIG, vocab_size=256, dim=64, ffn_dim=128, n_layers=1)
+    options = argparse.Namespace(
+        new_tokens=4, prompt_tokens=8, repeats=1, compile=True, roofline_threads=[1], threads=1
+    )
+    rows = bench_generate.roofline(config, options)
+    assert [(r["dtype"], r["way"]) for r in rows] == [
+        (dtype, way) for dtype in ("float32", "bfloat16", "int8") for way in ("eager", "compiled")
+    ]
+    read = {r["dtype"]: r["read"] for r in rows}
+    assert read["bfloat16"] * 2 == pytest.approx(read["float32"], rel=1e-3) and read["int8"] < 0.3 * read["float32"]
+    assert rows[0]["same"] and rows[1]["same"]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")]
+    assert len(table) == 6 and table[1].startswith("| 1 | float32 | compiled |")
 
 
 def test_bench_train_runs_on_the_cpu(capsys):

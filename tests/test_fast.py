@@ -9,9 +9,18 @@ from hypothesis import strategies as st
 
 import nano_orion.fast
 from nano_orion import Orion, OrionConfig
-from nano_orion.fast import FastExperts, accelerate, grouped_mm_dtype, moe_gathered, moe_grouped_mm, moe_one_token
+from nano_orion.fast import (
+    FastExperts,
+    FastLinear,
+    accelerate,
+    accelerate_linears,
+    grouped_mm_dtype,
+    moe_gathered,
+    moe_grouped_mm,
+    moe_one_token,
+)
 from nano_orion.moe import Experts, moe_reference, route
-from nano_orion.quantize import Int8Experts, quantize_model
+from nano_orion.quantize import Int8Experts, Int8Linear, quantize_model
 
 from conftest import assert_same_with_gradients
 from test_moe import random_experts, routing_problems
@@ -152,3 +161,34 @@ def test_accelerate_swaps_the_experts_and_keeps_the_parameters():
         assert torch.equal(nano_orion.generate(model, idx, 6), plain_tokens)
     int8 = quantize_model(model)
     assert all(isinstance(block.moe.experts, Int8Experts) for block in accelerate(int8).layers)  # int8 stays
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@torch.inference_mode()
+def test_compiled_one_row_linears_read_their_weights_in_a_fused_loop(dtype):
+    """Compiled on the CPU, a one-row bf16 FastLinear and an int8 Int8Linear multiply by
+    gemv_fused: no matmul kernel runs, and the result is the float32 product of the weights
+    they hold (rounded to x's dtype). Eager, F.linear serves."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=False)
+    if dtype == "bfloat16":
+        layer, x = FastLinear(linear.to(torch.bfloat16)), torch.randn(1, 1, 64, dtype=torch.bfloat16)
+        w = layer.weight.float()
+    else:
+        layer, x = Int8Linear(linear), torch.randn(1, 1, 64)
+        w = layer.weight.float() * layer.scale[:, None]
+    expected = (x.float() @ w.T).to(x.dtype)
+    with torch.profiler.profile() as prof:
+        y = torch.compile(layer, fullgraph=True)(x)
+    assert not [e.name for e in prof.events() if e.name in ("aten::mm", "aten::bmm", "aten::addmm")]
+    torch.testing.assert_close(y, expected, rtol=1e-2 if dtype == "bfloat16" else 1e-5, atol=1e-5)
+    assert not nano_orion.fast.fuses_gemv(x, layer.weight)
+
+
+def test_accelerate_linears_keeps_the_weights():
+    model = Orion(OrionConfig.preset("toy", n_layers=1))
+    weights = dict(model.named_parameters())
+    accelerate_linears(model)
+    assert type(model.lm_head) is FastLinear and type(model.layers[0].attn.wq) is FastLinear
+    assert dict(model.named_parameters()).keys() == weights.keys()
+    assert all(p is weights[name] for name, p in model.named_parameters())
