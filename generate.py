@@ -309,10 +309,10 @@ def main(argv=None):
     start = chat_start(p, args, tokenizer, model.config) if args.chat else None
     decode_step = None
     if args.compile:  # compiled for the batch the prompts make (interactive: one at a time), before any text is shown
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         batch_size, padded = (len(ids), len({len(i) for i in ids}) > 1) if given else (1, False)
         decode_step = compile_decode_step(model, batch_size, padded)
-        print(f"[compiled the decode step in {time.perf_counter() - start:.1f} s]", file=sys.stderr)
+        print(f"[compiled the decode step in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     sampling = SamplingConfig(
         temperature=args.temperature,

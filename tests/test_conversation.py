@@ -11,7 +11,7 @@ import torch
 import nano_orion
 from nano_orion import streaming
 from nano_orion.conversation import chat_ids, fit_history
-from nano_orion.sampler import ORION_DEMO
+from nano_orion.sampler import ORION_DEMO, decode_step_of
 
 from conftest import FIXTURES, load_script, usage_error
 
@@ -162,13 +162,16 @@ def transcript(replies):
     return f"you> {first}\nyou> {second}\nyou> you> {third}\nyou> "
 
 
-def test_cli_chat_keeps_the_history_and_resets(fixture, monkeypatch, capsys):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_cli_chat_keeps_the_history_and_resets(fixture, monkeypatch, capsys, compiled):
     """Two turns, /reset, one more, /exit: the replies are chat()'s on the same history, with
-    the same draws, and the third starts a new conversation."""
+    the same draws, and the third starts a new conversation. With --compile too (the step
+    compile_decode_step would give is stood in for by the eager one: compiling takes minutes)."""
     model, tok = fixture
     monkeypatch.setattr(
         "sys.stdin", io.StringIO("What is an expert?\nAnd the router?\n/reset\nHello\n/exit\nnever read\n")
     )
+    monkeypatch.setattr(generate_cli, "compile_decode_step", lambda model, batch_size, padded: decode_step_of(model))
     generate_cli.main(
         [
             "--ckpt",
@@ -182,6 +185,7 @@ def test_cli_chat_keeps_the_history_and_resets(fixture, monkeypatch, capsys):
             "5",
             "--system",
             "Be brief.",
+            *(["--compile"] if compiled else []),
         ]
     )
     out, err = capsys.readouterr()
@@ -195,7 +199,8 @@ def test_cli_chat_keeps_the_history_and_resets(fixture, monkeypatch, capsys):
     second = reply(user("What is an expert?"), assistant(first), user("And the router?"))
     third = reply(user("Hello"))
     assert out == transcript([first, second, third])
-    assert err == "[conversation reset]\n"
+    assert re.fullmatch(r"(\[compiled the decode step in \d+\.\d s\]\n)?\[conversation reset\]\n", err)
+    assert err.startswith("[compiled") == compiled
 
 
 @pytest.mark.parametrize(
