@@ -10,9 +10,10 @@ is not counted. Each timing is the best of a few repeats (the machine may be sha
 
 The roofline table: batch-1 decoding reads every weight a token needs once, so its speed
 is bounded by bandwidth / bytes read per token. For each thread count it measures the read
-bandwidth (summing a tensor as big as the float32 model's bytes per token, best of
-several), then, for float32, bfloat16 and int8 weights (quantize.py), eager and compiled:
-tokens/s, the bytes of weights read per token, and tokens/s as a share of that bound.
+bandwidth (summing a tensor as big as the float32 model's bytes per token) and, for float32,
+bfloat16 and int8 weights (quantize.py), eager and compiled: tokens/s, the bytes of weights
+read per token, tokens/s as a share of that bound, and each row's speed against float32 and
+against one thread. A thread count's timings take turns, best of --repeats.
 
     make bench      # or: python -m benchmarks.bench_generate [--config toy] [--threads 1] [--compile]
 """
@@ -204,11 +205,11 @@ def run(name: str, c: OrionConfig, args):
         print(f"{label:28s}{ours:12.1f}{theirs:14.1f}{ratio:9.2f}x")
 
 
-def read_bandwidth(n_bytes: int, repeats: int = 10) -> float:
-    """Bytes per second that summing a float32 tensor of n_bytes reads, best of `repeats`."""
-    x = torch.randn(n_bytes // 4)
+def read_bandwidth(x: torch.Tensor, repeats: int = 10) -> float:
+    """Bytes per second that summing the float32 tensor x reads, best of `repeats` in a row:
+    x stays in the caches as far as it fits, as a decoding model's weights do from token to token."""
     x.sum()
-    return n_bytes / best_times({"sum": x.sum}, repeats)["sum"]
+    return x.numel() * 4 / best_times({"sum": x.sum}, repeats)["sum"]
 
 
 def decode_models(c: OrionConfig) -> dict:
@@ -227,46 +228,65 @@ def decode_models(c: OrionConfig) -> dict:
 
 def roofline(c: OrionConfig, args) -> list[dict]:
     """Print (and return) the roofline table (module docstring): one row per thread count,
-    weights' dtype and way of running (eager, compiled)."""
+    weights' dtype and way of running (eager, compiled). At each thread count every row's
+    timings take turns (best_times), so that a busy spell on a shared machine slows them alike
+    and the ratios between rows hold; the bandwidth is the better of a probe before and after."""
     models = decode_models(c)
     N = args.new_tokens
     prompt = torch.randint(3, c.vocab_size, (1, args.prompt_tokens))
     reference = nano_orion.generate(models["float32"], prompt, 16)  # eager float32's greedy tokens
+    x = torch.randn(bytes_per_token(models["float32"]) // 4)  # the bandwidth probe's tensor
     rows = []
     for threads in args.roofline_threads:
         torch.set_num_threads(threads)
-        bandwidth = read_bandwidth(bytes_per_token(models["float32"]))
+        torch._dynamo.reset()  # compiled CPU code is specialised to the thread count
+        runs = {}  # (dtype, way) -> generate(n)
         for dtype, model in models.items():
-            steps = {"eager": None}
-            if args.compile:
-                torch._dynamo.reset()  # compiled CPU code is specialised to the thread count
-                steps["compiled"] = compile_decode_step(model)
-            for way, step in steps.items():
-
-                def gen(n):
-                    return nano_orion.generate(model, prompt, n, decode_step=step)
-
-                gen(2)  # warm up
-                t = best_times({"N": lambda: gen(N), "2": lambda: gen(2)}, args.repeats)
-                tok_s = (N - 2) / (t["N"] - t["2"])
-                read = bytes_per_token(model)
-                same = torch.equal(gen(16), reference)
-                rows.append(
-                    dict(threads=threads, dtype=dtype, way=way, tok_s=tok_s, read=read, bandwidth=bandwidth, same=same)
+            for way in ("eager", "compiled") if args.compile else ("eager",):
+                step = compile_decode_step(model) if way == "compiled" else None
+                runs[dtype, way] = lambda n, model=model, step=step: nano_orion.generate(
+                    model, prompt, n, decode_step=step
                 )
+        bandwidth = read_bandwidth(x)
+        timed = {}
+        for key, gen in runs.items():
+            gen(2)  # warm up
+            timed[(*key, N)] = lambda gen=gen: gen(N)
+            timed[(*key, 2)] = lambda gen=gen: gen(2)
+        t = best_times(timed, args.repeats)
+        bandwidth = max(bandwidth, read_bandwidth(x))
+        for (dtype, way), gen in runs.items():
+            tok_s = (N - 2) / (t[dtype, way, N] - t[dtype, way, 2])
+            same = torch.equal(gen(16), reference)
+            read = bytes_per_token(models[dtype])
+            rows.append(
+                dict(threads=threads, dtype=dtype, way=way, tok_s=tok_s, read=read, bandwidth=bandwidth, same=same)
+            )
     torch.set_num_threads(args.threads)
+    print_roofline(c, rows)
+    return rows
+
+
+def print_roofline(c: OrionConfig, rows: list[dict]) -> None:
+    """The table: each row's tok/s, bytes, share of the bound, and its speed against float32
+    (same way, same threads) and against the first thread count (same dtype, same way)."""
+    tok_s = {(r["threads"], r["dtype"], r["way"]): r["tok_s"] for r in rows}
+    first = rows[0]["threads"]
     print(f"\n== roofline, batch-1 greedy decoding: {c}")
     print(
-        "| threads | weights | step | tok/s | MB read/token | read GB/s | share of roofline | tokens = eager float32 |"
+        "| threads | weights | step | tok/s | MB read/token | read GB/s | share of roofline "
+        f"| x float32 | x {first} thread{'s' * (first > 1)} | tokens = eager float32 |"
     )
-    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | --- |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in rows:
         share = r["tok_s"] * r["read"] / r["bandwidth"]
+        vs_float32 = r["tok_s"] / tok_s[r["threads"], "float32", r["way"]]
+        vs_first = r["tok_s"] / tok_s[first, r["dtype"], r["way"]]
         print(
             f"| {r['threads']} | {r['dtype']} | {r['way']} | {r['tok_s']:,.0f} | {r['read'] / 1e6:.1f} | "
-            f"{r['bandwidth'] / 1e9:.1f} | {share:.0%} | {'yes' if r['same'] else 'no'} |"
+            f"{r['bandwidth'] / 1e9:.1f} | {share:.0%} | {vs_float32:.2f} | {vs_first:.2f} | "
+            f"{'yes' if r['same'] else 'no'} |"
         )
-    return rows
 
 
 if __name__ == "__main__":

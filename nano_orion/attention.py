@@ -26,6 +26,8 @@ so a compiled decoding step can be recorded once and replayed for every token (a
 graph: docs/10_fast_decoding.md).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,11 +99,14 @@ class Attention(nn.Module):
         group = self.n_heads // self.n_kv_heads
         if T == 1:
             # One new token (decoding): a group's query heads all read the same kv head under
-            # the same mask, so they can be stacked as that kv head's queries: plain attention,
-            # (B, n_kv_heads, group, head_dim), without copying the keys and values per head.
-            y = F.scaled_dot_product_attention(
-                q.reshape(B, self.n_kv_heads, group, self.head_dim), k, v, attn_mask=mask
-            )
+            # the same mask, so they are stacked as that kv head's queries, without copying the
+            # keys and values per head. The formula is written out, in float32 as fused kernels
+            # compute it: for one query that is as quick, and a compiled step fuses it with the rest.
+            q = q.reshape(B, self.n_kv_heads, group, self.head_dim).float()
+            scores = q @ k.float().transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, n_kv_heads, group, n_keys)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            y = (scores.softmax(dim=-1) @ v.float()).to(v.dtype)  # (B, n_kv_heads, group, head_dim)
         elif mask is None:  # causal among these T tokens: the fused kernels share the kv heads themselves
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(
                 1, 2

@@ -15,14 +15,17 @@ same mixture, depending on how many tokens there are and where they are:
     learning which experts were chosen;
   * one token on the CPU: its top_k experts one after another (`moe_one_token`).
 
-The other matrices, attention's projections and the output layer, are plain nn.Linear. In a
-compiled decoding step on the CPU with bfloat16 or int8 weights, a one-row matmul is the
-wrong kernel: a bf16 one goes to a oneDNN kernel with a high fixed cost per call, and an int8
-weight would be converted to a float copy first. Written as a product and a sum instead
-(`gemv_fused`), torch.compile turns x @ W.T into one loop that reads each weight once, in
-its own dtype, and accumulates in float32. `FastLinear` does that where it pays and is
-plain nn.Linear elsewhere; `accelerate_linears(model)` puts it in place (compile_decode_step
-does), and quantize.Int8Linear computes the same way.
+The other matrices, attention's projections, the router and the output layer, are plain
+nn.Linear. In a compiled decoding step on the CPU a one-row matmul is the wrong kernel: each
+call of the matmul library costs microseconds of its own (a bf16 one goes to a oneDNN kernel
+with a high fixed cost), and an int8 weight would be converted to a float copy first. Written
+as a product and a sum instead (`gemv_fused`), torch.compile turns x @ W.T into one loop that
+reads each weight once, in its own dtype, accumulates in float32 and runs among the step's
+other generated loops. `FastLinear` does that where it pays and is plain nn.Linear elsewhere;
+`accelerate_linears(model)` puts it in place (compile_decode_step does), and
+quantize.Int8Linear computes the same way. The loop reads x, one row, once per output row:
+`computed_once` makes the compiled step write x to memory first, rather than recompute its
+producer (a norm, say) in every output row.
 
 `FastExperts` chooses among them each call and holds the very parameters of the plain
 `Experts` it replaces, so a swapped model trains, saves and loads as before.
@@ -81,7 +84,7 @@ def moe_gathered(x, weights, experts, w1, w3, w2, scales=(None, None, None)):
     weights (quantize.py), applied to the outputs."""
     N, top_k = experts.shape
     expert = experts.flatten()  # (N * top_k,): the expert of each (token, slot) pair
-    xs = x.repeat_interleave(top_k, dim=0)  # (N * top_k, dim): each pair's token
+    xs = computed_once(x).repeat_interleave(top_k, dim=0)  # (N * top_k, dim): each pair's token
     s1, s3, s2 = scales
     h = F.silu(expert_gemv(xs, w1, expert, s1)) * expert_gemv(xs, w3, expert, s3)  # (N * top_k, ffn_dim)
     y = expert_gemv(h, w2, expert, s2).view(N, top_k, -1)  # each chosen expert's output
@@ -96,18 +99,25 @@ def moe_one_token(x, weights, experts, w1, w3, w2):
     return y
 
 
+def computed_once(x):
+    """x (a view of all of it). A compiled graph computes a view's base into memory, once; a
+    loop that reads x many times (gemv_fused's, once per output row) then loads it, instead of
+    recomputing whatever produced x (a norm: a square root, products, casts) each time."""
+    return x.as_strided(x.shape, x.stride())
+
+
 def gemv_fused(x, w, scale=None):
     """x (..., in) @ w (out, in).T, times scale (out,) if given, in x's dtype: for a few rows
     in a compiled step (module docstring), where it compiles to one loop reading w once."""
-    y = (x.float()[..., None, :] * w.float()).sum(-1)
+    y = (computed_once(x).float()[..., None, :] * w.float()).sum(-1)
     return (y if scale is None else y * scale.float()).to(x.dtype)
 
 
 def fuses_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether gemv_fused beats F.linear for x @ w.T: a few rows of bf16 or int8 weights,
-    compiled, on the CPU (module docstring)."""
+    """Whether gemv_fused beats F.linear for x @ w.T: a few rows, no gradients, compiled, on
+    the CPU (module docstring)."""
     few = x.numel() <= DECODE_TOKENS * x.shape[-1] and not torch.is_grad_enabled()
-    return few and w.dtype != torch.float32 and x.device.type == "cpu" and torch.compiler.is_compiling()
+    return few and x.device.type == "cpu" and torch.compiler.is_compiling()
 
 
 class FastLinear(nn.Module):

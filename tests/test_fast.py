@@ -163,26 +163,51 @@ def test_accelerate_swaps_the_experts_and_keeps_the_parameters():
     assert all(isinstance(block.moe.experts, Int8Experts) for block in accelerate(int8).layers)  # int8 stays
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 @torch.inference_mode()
 def test_compiled_one_row_linears_read_their_weights_in_a_fused_loop(dtype):
-    """Compiled on the CPU, a one-row bf16 FastLinear and an int8 Int8Linear multiply by
+    """Compiled on the CPU, a one-row FastLinear and an int8 Int8Linear multiply by
     gemv_fused: no matmul kernel runs, and the result is the float32 product of the weights
     they hold (rounded to x's dtype). Eager, F.linear serves."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=False)
-    if dtype == "bfloat16":
-        layer, x = FastLinear(linear.to(torch.bfloat16)), torch.randn(1, 1, 64, dtype=torch.bfloat16)
-        w = layer.weight.float()
-    else:
+    if dtype == "int8":
         layer, x = Int8Linear(linear), torch.randn(1, 1, 64)
         w = layer.weight.float() * layer.scale[:, None]
+    else:
+        layer = FastLinear(linear.to(getattr(torch, dtype)))
+        x = torch.randn(1, 1, 64, dtype=layer.weight.dtype)
+        w = layer.weight.float()
     expected = (x.float() @ w.T).to(x.dtype)
     with torch.profiler.profile() as prof:
         y = torch.compile(layer, fullgraph=True)(x)
     assert not [e.name for e in prof.events() if e.name in ("aten::mm", "aten::bmm", "aten::addmm")]
     torch.testing.assert_close(y, expected, rtol=1e-2 if dtype == "bfloat16" else 1e-5, atol=1e-5)
     assert not nano_orion.fast.fuses_gemv(x, layer.weight)
+
+
+@torch.inference_mode()
+def test_a_fused_one_row_product_reads_its_input_computed_once():
+    """gemv_fused's loop reads x once per output row. x computed by a norm (a square root,
+    products) must be written to memory once and loaded, not recomputed inside that loop for
+    every row: the generated code holds no square root from the loop over the 48 output rows
+    on, and without computed_once it does (which shows the check can fail)."""
+    from torch._inductor.utils import run_and_get_code
+
+    norm, w = nano_orion.model.RMSNorm(64, 1e-5), torch.randn(48, 64, dtype=torch.bfloat16)
+
+    def row_loops_with_sqrt(computed_once):
+        def product(x):
+            return nano_orion.fast.gemv_fused(norm(x).to(torch.bfloat16), w)
+
+        torch._dynamo.reset()
+        with mock.patch.object(nano_orion.fast, "computed_once", computed_once):
+            _, (code,) = run_and_get_code(torch.compile(product, fullgraph=True), torch.randn(1, 64))
+        kernels = [k.split("''')")[0] for k in code.split("async_compile.cpp_pybinding(")[1:]]  # their C++
+        return [k for k in kernels if "48L" in k and "sqrt" in k[k.index("48L") :]]
+
+    assert not row_loops_with_sqrt(nano_orion.fast.computed_once)
+    assert row_loops_with_sqrt(lambda x: x)
 
 
 def test_accelerate_linears_keeps_the_weights():
