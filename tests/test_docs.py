@@ -197,3 +197,18 @@ def test_walkthroughs_open_with_what_you_will_learn():
     for page in WALKTHROUGHS:
         head = page.read_text()[:1500]
         assert "What you will learn" in head, f"{page.name} does not open with 'What you will learn'"
+
+
+def test_readme_speed_tables_copy_the_committed_bench_run():
+    """The README's `make bench` tables are one committed run (docs/runs/bench/make-bench.txt):
+    each roofline row is a line of its output, and each race figure (a ratio, tok/s, ms) one
+    of its numbers. Changing a digit in the README fails."""
+    readme = (ROOT / "README.md").read_text()
+    log = (ROOT / "docs/runs/bench/make-bench.txt").read_text()
+    section = readme[readme.index("`make bench` races") : readme.index("On a GPU, with a python")]
+    rows = [line for line in section.splitlines() if re.match(r"\| \d \| ", line)]
+    assert len(rows) == 12 and all(row in log.splitlines() for row in rows)
+    race = [line for line in section.splitlines() if line.startswith("| decode") or line.startswith("| prefill")]
+    figures = [n for line in race for n in re.findall(r"\d[\d,]*\.\d+", line)]
+    printed = {n.replace(",", "") for n in re.findall(r"\d[\d,]*\.\d+", log)}
+    assert len(figures) == 24 and not [n for n in figures if n.replace(",", "") not in printed]
