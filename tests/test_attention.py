@@ -158,9 +158,7 @@ def test_no_attention_call_combines_a_mask_with_shared_kv_heads(monkeypatch):
     generate(model, idx[1:], 3)  # a plain prefill and decoding
     model(idx)  # training's call: causal, no mask
     assert not any(masked and gqa for _, masked, gqa in calls)
-    assert any(
-        T == idx.shape[1] and masked for T, masked, _ in calls
-    )  # the padded prefill (a decoding step's q has group rows)
+    assert any(T == idx.shape[1] and masked for T, masked, _ in calls)  # the padded prefill
 
 
 def test_attention_mask_by_hand():
