@@ -113,7 +113,7 @@ def gemv_fused(x, w, scale=None):
     return (y if scale is None else y * scale.float()).to(x.dtype)
 
 
-def fuses_gemv(x: torch.Tensor, w: torch.Tensor) -> bool:
+def fuses_gemv(x: torch.Tensor) -> bool:
     """Whether gemv_fused beats F.linear for x @ w.T: a few rows, no gradients, compiled, on
     the CPU (module docstring)."""
     few = x.numel() <= DECODE_TOKENS * x.shape[-1] and not torch.is_grad_enabled()
@@ -128,7 +128,7 @@ class FastLinear(nn.Module):
         self.weight = linear.weight  # the same Parameter, not a copy
 
     def forward(self, x):
-        return gemv_fused(x, self.weight) if fuses_gemv(x, self.weight) else F.linear(x, self.weight)
+        return gemv_fused(x, self.weight) if fuses_gemv(x) else F.linear(x, self.weight)
 
 
 class FastExperts(nn.Module):

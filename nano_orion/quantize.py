@@ -54,7 +54,7 @@ class Int8Linear(nn.Module):
                 rows, self.weight[None], torch.zeros(len(rows), dtype=torch.long, device=x.device), self.scale[None]
             )
             return y.view(*x.shape[:-1], -1)
-        if fuses_gemv(x, self.weight):  # compiled on the CPU: int8 read and converted in the fused loop
+        if fuses_gemv(x):  # compiled on the CPU: int8 read and converted in the fused loop
             return gemv_fused(x, self.weight, self.scale)
         return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
 
