@@ -24,8 +24,8 @@ reads each weight once, in its own dtype, accumulates in float32 and runs among 
 other generated loops. `FastLinear` does that where it pays and is plain nn.Linear elsewhere;
 `accelerate_linears(model)` puts it in place (compile_decode_step does), and
 quantize.Int8Linear computes the same way. The loop reads x, one row, once per output row:
-`computed_once` makes the compiled step write x to memory first, rather than recompute its
-producer (a norm, say) in every output row.
+`computed_once` makes the compiled step write x to memory first, in float32, rather than
+recompute its producer (a norm, say) or convert a bfloat16 x again in every output row.
 
 `FastExperts` chooses among them each call and holds the very parameters of the plain
 `Experts` it replaces, so a swapped model trains, saves and loads as before.
@@ -109,7 +109,7 @@ def computed_once(x):
 def gemv_fused(x, w, scale=None):
     """x (..., in) @ w (out, in).T, times scale (out,) if given, in x's dtype: for a few rows
     in a compiled step (module docstring), where it compiles to one loop reading w once."""
-    y = (computed_once(x).float()[..., None, :] * w.float()).sum(-1)
+    y = (computed_once(x.float())[..., None, :] * w.float()).sum(-1)
     return (y if scale is None else y * scale.float()).to(x.dtype)
 
 
