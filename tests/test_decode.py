@@ -86,3 +86,25 @@ def test_compiled_decoding_equals_eager_and_compiles_once_per_shape_kind():
     outputs, graphs = compiled_runs(int8, padded)
     assert outputs == sampled_runs(int8, padded)
     assert graphs == 2  # the warm-up's batch of one, and batches of two with padding
+
+
+def test_compiled_step_skips_guards_only_after_a_generations_first_step(monkeypatch):
+    """Within a generation the compiled step runs without its guards; each generation's first
+    step checks them, so a model quantized in place after the first generation compiles anew
+    and gives int8's eager tokens, not float32's graph fed int8 weights."""
+    model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=5).to(DEVICE)
+    step = compile_decode_step(model)
+    stances = []  # skip_guard_eval_unsafe of each stance the step sets
+    set_stance = torch.compiler.set_stance
+
+    def recorded(*args, **kwargs):
+        stances.append(kwargs.get("skip_guard_eval_unsafe", False))
+        return set_stance(*args, **kwargs)
+
+    monkeypatch.setattr(torch.compiler, "set_stance", recorded)
+    idx = torch.tensor([[5, 6, 7]], device=DEVICE)
+    assert torch.equal(generate(model, idx, 5, decode_step=step), generate(model, idx, 5))
+    assert stances == [True] * 3  # 4 decoding steps: the first checks the guards, the next 3 skip them
+    int8 = quantize_model(model)
+    assert torch.equal(generate(int8, idx, 5, decode_step=step), generate(int8, idx, 5))
+    assert stances == [True] * 6
