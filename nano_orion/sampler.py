@@ -151,12 +151,12 @@ def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
     (fast.accelerate_linears: one-row matmuls compiled as fused loops on the CPU).
 
     Before each call a compiled function checks its guards: that every tensor it reads (the
-    model's parameters among them, some sixty in a small model) still has the dtype, shape and
-    place it was compiled for. That costs tens of microseconds, 5% of a small model's token on
-    a CPU. Within one generation nothing they check can change, so a call that passes the same
-    `pos` tensor as the call before (generate_tokens advances one in place, and makes a new
-    one for each generation) skips them and runs the graph the call before ran; the first
-    step of every generation checks them all, and compiles anew if the model has changed."""
+    model's parameters among them) still has the dtype, shape and place it was compiled for,
+    a few percent of a small model's token on a CPU. Within one generation nothing they check
+    can change, so a call that passes the same `pos` tensor as the call before (generate_tokens
+    advances one in place, and makes a new one for each generation) skips them and runs the
+    graph the call before ran; the first step of every generation checks them all, and
+    compiles anew if the model has changed."""
     accelerate_linears(accelerate(model))
     device = model.embed.weight.device
     options = {
