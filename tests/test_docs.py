@@ -206,9 +206,33 @@ def test_readme_speed_tables_copy_the_committed_bench_run():
     readme = (ROOT / "README.md").read_text()
     log = (ROOT / "docs/runs/bench/make-bench.txt").read_text()
     section = readme[readme.index("`make bench` races") : readme.index("On a GPU, with a python")]
-    rows = [line for line in section.splitlines() if re.match(r"\| \d \| ", line)]
+    rows = [line for line in section.splitlines() if re.match(r"\| \d \| \w+ \| (eager|compiled) \| ", line)]
     assert len(rows) == 12 and all(row in log.splitlines() for row in rows)
     race = [line for line in section.splitlines() if line.startswith("| decode") or line.startswith("| prefill")]
     figures = [n for line in race for n in re.findall(r"\d[\d,]*\.\d+", line)]
     printed = {n.replace(",", "") for n in re.findall(r"\d[\d,]*\.\d+", log)}
     assert len(figures) == 24 and not [n for n in figures if n.replace(",", "") not in printed]
+
+
+def test_readme_llama_cpp_table_copies_the_committed_runs():
+    """The README's llama.cpp table: each llama.cpp figure is the best repetition its committed
+    log records, each nano_orion figure the compiled row of make-bench.txt, each ratio theirs."""
+    readme = (ROOT / "README.md").read_text()
+    bench = (ROOT / "docs/runs/bench/make-bench.txt").read_text()
+    llama_cpp = (ROOT / "docs/runs/bench/llama-cpp.txt").read_text()
+    ours = {
+        (int(threads), dtype): float(tok_s.replace(",", ""))
+        for threads, dtype, tok_s in re.findall(r"^\| (\d) \| (\w+) \| compiled \| ([\d,]+) \|", bench, re.M)
+    }
+    best = {}  # (threads, llama.cpp dtype) -> the fastest of its repetitions
+    for dtype, threads, samples, stated in re.findall(
+        r"^(\w+) threads (\d) tg128: ([\d., ]+); mean [\d.]+, best ([\d.]+) tok/s", llama_cpp, re.M
+    ):
+        best[int(threads), dtype] = max(float(x) for x in samples.split(", "))
+        assert f"{best[int(threads), dtype]:.1f}" == stated
+    rows = re.findall(r"^\| (\d) \| (f32|f16|q8_0) \| ([\d,.]+) \| (\w+) \| ([\d,]+) \| ([\d.]+) \|$", readme, re.M)
+    assert len(rows) == 6
+    for threads, theirs, their_tok_s, mine, my_tok_s, ratio in rows:
+        their_tok_s, my_tok_s = float(their_tok_s.replace(",", "")), float(my_tok_s.replace(",", ""))
+        assert their_tok_s == best[int(threads), theirs] and my_tok_s == ours[int(threads), mine]
+        assert ratio == f"{my_tok_s / their_tok_s:.2f}"
