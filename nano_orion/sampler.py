@@ -156,7 +156,9 @@ def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
     can change, so a call that passes the same `pos` tensor as the call before (generate_tokens
     advances one in place, and makes a new one for each generation) skips them and runs the
     graph the call before ran; the first step of every generation checks them all, and
-    compiles anew if the model has changed."""
+    compiles anew if the model has changed. (Skipping is switched on for the whole process
+    while such a step runs: run one compiled generation at a time, not several from Python
+    threads at once.)"""
     accelerate_linears(accelerate(model))
     device = model.embed.weight.device
     options = {
