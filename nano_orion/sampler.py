@@ -153,12 +153,14 @@ def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
     Before each call a compiled function checks its guards: that every tensor it reads (the
     model's parameters among them) still has the dtype, shape and place it was compiled for,
     a few percent of a small model's token on a CPU. Within one generation nothing they check
-    can change, so a call that passes the same `pos` tensor as the call before (generate_tokens
+    changes, so a call that passes the same `pos` tensor as the call before (generate_tokens
     advances one in place, and makes a new one for each generation) skips them and runs the
     graph the call before ran; the first step of every generation checks them all, and
-    compiles anew if the model has changed. (Skipping is switched on for the whole process
-    while such a step runs: run one compiled generation at a time, not several from Python
-    threads at once.)"""
+    compiles anew if the model has changed. Skipping is switched on for the whole process
+    while such a step runs, so run one compiled generation at a time, not several from Python
+    threads at once; and code that consumes the tokens should leave torch's global settings
+    (its thread count, say) as they are until the generation ends: a step that finds them
+    changed raises rather than compile anew."""
     accelerate_linears(accelerate(model))
     device = model.embed.weight.device
     options = {
