@@ -142,13 +142,15 @@ def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
     option of mode="reduce-overhead") so that a token costs one launch; coordinate-descent
     tuning tunes each generated kernel's block sizes (bandwidth-bound GEMVs gain). On the CPU
     the generated code calls its loops from C++ (the cpp_wrapper option) rather than from
-    Python, which saves a few microseconds per loop, a tenth of a millisecond or more per token.
-    Compiling takes a while; it happens here, on a short dummy generation of `batch_size` rows
-    (left-padded if `padded`), not on the first real tokens. A batch of another size, or with
-    padding where the warm-up had none, compiles once more when it first runs. The model's
-    experts are made fast first, in place (fast.accelerate): the plain ones ask the host for
-    their block sizes, which a compiled graph cannot; and its linears too
-    (fast.accelerate_linears: one-row matmuls compiled as fused loops on the CPU).
+    Python, which saves a few microseconds per loop, a tenth of a millisecond or more per token,
+    and the loops multiply and add in one instruction (a fused multiply-add, which rounds once
+    where a product and a sum round twice). Compiling takes a while; it happens here, on a
+    short dummy generation of `batch_size` rows (left-padded if `padded`), not on the first
+    real tokens. A batch of another size, or with padding where the warm-up had none,
+    compiles once more when it first runs. The model's experts are made fast first, in place
+    (fast.accelerate): the plain ones ask the host for their block sizes, which a compiled
+    graph cannot; and its linears too (fast.accelerate_linears: one-row matmuls compiled as
+    fused loops on the CPU).
 
     Before each call a compiled function checks its guards: that every tensor it reads (the
     model's parameters among them) still has the dtype, shape and place it was compiled for,
@@ -167,6 +169,11 @@ def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
         "triton.cudagraphs": device.type == "cuda",
         "cpp_wrapper": device.type == "cpu",
         "coordinate_descent_tuning": True,
+        # C++ loops: a product and the sum it joins in one fused multiply-add instruction
+        "cpp.enable_floating_point_contract_flag": "fast",
+        # no checks of the inputs' sizes and strides at every call: the guards make them (at
+        # each generation's first step), and in C++ each check builds its error message first
+        "size_asserts": False,
     }
     compiled = torch.compile(decode_step_of(model), fullgraph=True, options=options)
     last_pos = None  # a weak reference to the last call's pos: the step keeps no generation's tensors alive
