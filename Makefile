@@ -107,7 +107,7 @@ experiments: install
 # ---- speed: generation, then training, each against transformers in one run ----
 # GEN_BENCH_ARGS: --compile adds torch.compile'd decode steps to the race and to the roofline table
 # (float32, bfloat16 and int8 at 1 and 2 threads: a few minutes of compiling); drop it for eager only.
-GEN_BENCH_ARGS ?= --threads 1 --compile --repeats 5
+GEN_BENCH_ARGS ?= --threads 1 --compile --repeats 9
 TRAIN_BENCH_ARGS ?=
 bench: install
 	$(PY) -m benchmarks.bench_generate $(GEN_BENCH_ARGS)
