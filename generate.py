@@ -111,8 +111,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the one-token decode step (a CUDA graph on GPUs): "
-        "compiling takes a while at start (reported, and not counted in the decode speed), then every step is fast",
+        help="compile the one-token decode step (on a GPU torch.compile and a CUDA graph, on the CPU a library "
+        "compiled ahead of time): compiling takes a while at start (reported, and not counted in the decode speed), "
+        "then every step is fast",
     )
     p.add_argument(
         "--quantize",

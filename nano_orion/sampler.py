@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .aot import aot_decode_step
 from .fast import accelerate, accelerate_linears
 
 
@@ -136,38 +137,59 @@ def decoding_cache(model, batch_size: int, max_len: int):
     return cache
 
 
-def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
-    """decode_step_of(model) compiled for speed: the whole step one graph (fullgraph), its
-    shapes fixed but for the cache's length, and on a GPU captured as a CUDA graph (the
-    option of mode="reduce-overhead") so that a token costs one launch; coordinate-descent
-    tuning tunes each generated kernel's block sizes (bandwidth-bound GEMVs gain). On the CPU
-    the generated code calls its loops from C++ (the cpp_wrapper option) rather than from
-    Python, which saves a few microseconds per loop, a tenth of a millisecond or more per token,
-    and the loops multiply and add in one instruction (a fused multiply-add, which rounds once
-    where a product and a sum round twice). Compiling takes a while; it happens here, on a
+def compile_decode_step(model, batch_size: int = 1, padded: bool = False, ahead_of_time: bool | None = None):
+    """decode_step_of(model) compiled for speed: the whole step one graph of generated loops,
+    its shapes fixed but for the cache's length. Compiling takes a while; it happens here, on a
     short dummy generation of `batch_size` rows (left-padded if `padded`), not on the first
-    real tokens. A batch of another size, or with padding where the warm-up had none,
-    compiles once more when it first runs. The model's experts are made fast first, in place
+    real tokens. A batch of another size, or with padding where the warm-up had none, compiles
+    once more when it first runs. The model's experts are made fast first, in place
     (fast.accelerate): the plain ones ask the host for their block sizes, which a compiled
     graph cannot; and its linears too (fast.accelerate_linears: one-row matmuls compiled as
     fused loops on the CPU).
 
-    Before each call a compiled function checks its guards: that every tensor it reads (the
-    model's parameters among them) still has the dtype, shape and place it was compiled for,
-    a few percent of a small model's token on a CPU. Within one generation nothing they check
-    changes, so a call that passes the same `pos` tensor as the call before (generate_tokens
-    advances one in place, and makes a new one for each generation) skips them and runs the
-    graph the call before ran; the first step of every generation checks them all, and
-    compiles anew if the model has changed. Skipping is switched on for the whole process
+    Two ways, one per kind of device (ahead_of_time None picks the device's; True or False
+    forces one, as the tests do on the CPU):
+      * ahead of time, the CPU's (aot.aot_decode_step): exported and compiled into a library
+        that each token calls from C++ with only the tensors that change, so no Python stands
+        between one token's loops and the next's but the sampler's;
+      * torch.compile, the GPU's: captured as a CUDA graph (the option of
+        mode="reduce-overhead"), so that a token costs one launch; coordinate-descent tuning
+        tunes each generated kernel's block sizes (bandwidth-bound GEMVs gain).
+    Both multiply and add in one instruction in the CPU's loops (a fused multiply-add, which
+    rounds once where a product and a sum round twice).
+
+    Before each call a function compiled by torch.compile checks its guards: that every tensor
+    it reads (the model's parameters among them) still has the dtype, shape and place it was
+    compiled for, a few percent of a small model's token. Within one generation nothing they
+    check changes, so a call that passes the same `pos` tensor as the call before
+    (generate_tokens advances one in place, and makes a new one for each generation) skips them
+    and runs the graph the call before ran; the first step of every generation checks them all,
+    and compiles anew if the model has changed. Skipping is switched on for the whole process
     while such a step runs, so run one compiled generation at a time, not several from Python
     threads at once; and code that consumes the tokens should leave torch's global settings
     (its thread count, say) as they are until the generation ends: a step that finds them
-    changed raises rather than compile anew."""
+    changed raises rather than compile anew. The ahead-of-time step checks the same once per
+    generation, at its first step (aot.py)."""
     accelerate_linears(accelerate(model))
     device = model.embed.weight.device
+    if ahead_of_time is None:
+        ahead_of_time = device.type == "cpu"
+    if ahead_of_time and device.type != "cpu":
+        raise ValueError(f"the ahead-of-time step runs on the CPU; the model is on {device}")
+    step = aot_decode_step(model) if ahead_of_time else torch_compiled_step(model, device)
+    idx = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+    pad_mask = torch.ones_like(idx, dtype=torch.bool)
+    pad_mask[0, 0] = False  # row 0 is one token shorter
+    generate(model, idx, 3, pad_mask=pad_mask if padded else None, decode_step=step)
+    return step
+
+
+def torch_compiled_step(model, device):
+    """decode_step_of(model) under torch.compile, skipping the guards after a generation's
+    first step (compile_decode_step's docstring)."""
     options = {
         "triton.cudagraphs": device.type == "cuda",
-        "cpp_wrapper": device.type == "cpu",
+        "cpp_wrapper": device.type == "cpu",  # the loops called from C++, not from Python
         "coordinate_descent_tuning": True,
         # C++ loops: a product and the sum it joins in one fused multiply-add instruction
         "cpp.enable_floating_point_contract_flag": "fast",
@@ -187,10 +209,6 @@ def compile_decode_step(model, batch_size: int = 1, padded: bool = False):
         last_pos = weakref.ref(pos)
         return logits
 
-    idx = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
-    pad_mask = torch.ones_like(idx, dtype=torch.bool)
-    pad_mask[0, 0] = False  # row 0 is one token shorter
-    generate(model, idx, 3, pad_mask=pad_mask if padded else None, decode_step=step)
     return step
 
 

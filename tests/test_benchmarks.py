@@ -52,7 +52,7 @@ def test_a_failing_measurement_costs_only_its_own_cells(monkeypatch, capsys):
     """A GPU run is one shot: when compiling fails, the eager and transformers numbers still
     make the table, the failure is named after it (its traceback before), and the status is 1."""
 
-    def no_compiler(model):
+    def no_compiler(model, ahead_of_time):
         raise RuntimeError("no kernel for this shape\nsecond line")
 
     monkeypatch.setattr(bench_gpu, "compile_decode_step", no_compiler)

@@ -7,12 +7,13 @@ position is the device tensor the compiled step reads, and torch.compile runs on
 
 from unittest import mock
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import nano_orion
-from nano_orion import OrionConfig
+from nano_orion import Orion, OrionConfig, aot
 from nano_orion.quantize import quantize_model
 from nano_orion.sampler import ORION_DEMO, compile_decode_step, generate, left_pad
 
@@ -65,25 +66,31 @@ def sampled_runs(model, runs, decode_step=None):
     return outputs
 
 
-def compiled_runs(model, runs):
-    """sampled_runs through one compiled decoding step, and the number of graphs compiled."""
+def compiled_runs(model, runs, ahead_of_time):
+    """sampled_runs through one compiled decoding step, and the number of graphs compiled
+    (for the ahead-of-time step: libraries, one graph each)."""
     before = counters["stats"]["unique_graphs"]
-    outputs = sampled_runs(model, runs, compile_decode_step(model))
-    return outputs, counters["stats"]["unique_graphs"] - before
+    with mock.patch.object(aot, "compile_library", wraps=aot.compile_library) as compile_library:
+        outputs = sampled_runs(model, runs, compile_decode_step(model, ahead_of_time=ahead_of_time))
+    return outputs, compile_library.call_count if ahead_of_time else counters["stats"]["unique_graphs"] - before
 
 
-def test_compiled_decoding_equals_eager_and_compiles_once_per_shape_kind():
-    """A compiled step (one graph: fullgraph=True refuses graph breaks) gives the eager
-    tokens, sampled with the demo's settings, for float and int8 weights; generations of
-    other lengths reuse it (the cache's length is dynamic): one graph for all."""
+@pytest.mark.parametrize("ahead_of_time", [True, False], ids=["ahead-of-time", "torch.compile"])
+def test_compiled_decoding_equals_eager_and_compiles_once_per_shape_kind(ahead_of_time):
+    """A compiled step (one graph: torch.compile's fullgraph=True and torch.export refuse graph
+    breaks) gives the eager tokens, sampled with the demo's settings, for float and int8
+    weights; generations of other lengths reuse it (the cache's length is dynamic): one graph
+    for all."""
+    if ahead_of_time and DEVICE != "cpu":
+        pytest.skip("the ahead-of-time step is the CPU's")
     model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=4).to(DEVICE)
     runs = [([[5, 6, 7, 8]], 6), ([[9, 10, 11, 12, 13, 14]], 9), ([[3, 4, 5]], 12), ([[3, 4]], 15)]
-    outputs, graphs = compiled_runs(model, runs)
+    outputs, graphs = compiled_runs(model, runs, ahead_of_time)
     assert outputs == sampled_runs(model, runs)
     assert graphs == 1
     int8 = quantize_model(model)
     padded = [([[5, 6, 7, 8], [9, 10]], 6), ([[5, 6, 7], [9, 10, 11, 12, 13]], 9)]  # left-padded batches of two
-    outputs, graphs = compiled_runs(int8, padded)
+    outputs, graphs = compiled_runs(int8, padded, ahead_of_time)
     assert outputs == sampled_runs(int8, padded)
     assert graphs == 2  # the warm-up's batch of one, and batches of two with padding
 
@@ -93,7 +100,7 @@ def test_compiled_step_skips_guards_only_after_a_generations_first_step(monkeypa
     step checks them, so a model quantized in place after the first generation compiles anew
     and gives int8's eager tokens, not float32's graph fed int8 weights."""
     model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=5).to(DEVICE)
-    step = compile_decode_step(model)
+    step = compile_decode_step(model, ahead_of_time=False)
     stances = []  # skip_guard_eval_unsafe of each stance the step sets
     set_stance = torch.compiler.set_stance
 
@@ -108,3 +115,33 @@ def test_compiled_step_skips_guards_only_after_a_generations_first_step(monkeypa
     int8 = quantize_model(model)
     assert torch.equal(generate(int8, idx, 5, decode_step=step), generate(int8, idx, 5))
     assert stances == [True] * 6
+
+
+def test_ahead_of_time_step_compiles_anew_for_a_changed_model_and_reads_weights_changed_in_place():
+    """The ahead-of-time step checks at each generation's first step what its guards would:
+    a model quantized in place compiles a new library and gives int8's eager tokens; weights
+    changed in place are read as they are, with no new library; and each step leaves the
+    model's routing as an eager step does."""
+    model = random_model(OrionConfig.preset("toy", n_layers=2, vocab_size=97, max_seq_len=64), seed=5)
+    idx = torch.tensor([[5, 6, 7]])
+    with mock.patch.object(aot, "compile_library", wraps=aot.compile_library) as compile_library:
+        step = compile_decode_step(model, ahead_of_time=True)
+        assert torch.equal(generate(model, idx, 5, decode_step=step), generate(model, idx, 5))
+        eager_routing = model.routing()
+        generate(model, idx, 5, decode_step=step)
+        for (probs, experts), (eager_probs, eager_experts) in zip(model.routing(), eager_routing, strict=True):
+            torch.testing.assert_close(probs, eager_probs)
+            assert torch.equal(experts, eager_experts)
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1)  # in place: the library reads the new values
+        assert torch.equal(generate(model, idx, 5, decode_step=step), generate(model, idx, 5))
+        assert compile_library.call_count == 1
+        int8 = quantize_model(model)
+        assert torch.equal(generate(int8, idx, 5, decode_step=step), generate(int8, idx, 5))
+        assert compile_library.call_count == 2
+
+
+def test_ahead_of_time_step_is_the_cpus():
+    model = Orion(OrionConfig.preset("toy", n_layers=1)).to("meta")
+    with pytest.raises(ValueError, match="runs on the CPU; the model is on meta"):
+        compile_decode_step(model, ahead_of_time=True)
