@@ -21,7 +21,8 @@ call of the matmul library costs microseconds of its own (a bf16 one goes to a o
 with a high fixed cost), and an int8 weight would be converted to a float copy first. Written
 as a product and a sum instead (`gemv_fused`), the compiler (Inductor, behind torch.compile
 and the CPU's ahead-of-time step, aot.py) turns x @ W.T into one loop that reads each weight
-once, in its own dtype, accumulates in float32 and runs among the step's other generated loops. `FastLinear` does that where it pays and is plain nn.Linear elsewhere;
+once, in its own dtype, accumulates in float32 and runs among the step's other generated loops.
+`FastLinear` does that where it pays and is plain nn.Linear elsewhere;
 `accelerate_linears(model)` puts it in place (compile_decode_step does), and
 quantize.Int8Linear computes the same way. The loop reads x, one row, once per output row:
 `computed_once` makes the compiled step write x to memory first, in float32, rather than
