@@ -150,8 +150,9 @@ def compile_decode_step(model, batch_size: int = 1, padded: bool = False, ahead_
     Two ways, one per kind of device (ahead_of_time None picks the device's; True or False
     forces one, as the tests do on the CPU):
       * ahead of time, the CPU's (aot.aot_decode_step): exported and compiled into a library
-        that each token calls from C++ with only the tensors that change, so no Python stands
-        between one token's loops and the next's but the sampler's;
+        whose loops run from C++, and which each token calls with only the tensors that
+        change, so that between one token's loops and the next's stand only the sampler and
+        that one call;
       * torch.compile, the GPU's: captured as a CUDA graph (the option of
         mode="reduce-overhead"), so that a token costs one launch; coordinate-descent tuning
         tunes each generated kernel's block sizes (bandwidth-bound GEMVs gain).
