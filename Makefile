@@ -105,7 +105,7 @@ experiments: install
 	$(PY) scripts/experiments.py specialisation --ckpt $(DEMO_OUT)
 
 # ---- speed: generation, then training, each against transformers in one run ----
-# GEN_BENCH_ARGS: --compile adds torch.compile'd decode steps to the race and to the roofline table
+# GEN_BENCH_ARGS: --compile adds compiled decode steps (compile_decode_step) to the race and to the roofline table
 # (float32, bfloat16 and int8 at 1 and 2 threads: a few minutes of compiling); drop it for eager only.
 GEN_BENCH_ARGS ?= --threads 1 --compile --repeats 9
 TRAIN_BENCH_ARGS ?=

@@ -97,7 +97,7 @@ def main(argv=None):
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time a torch.compile'd decode step (adds a minute or two of compiling)",
+        help="also time a compiled decode step (compile_decode_step; adds a few minutes of compiling)",
     )
     parser.add_argument(
         "--threads",
@@ -239,7 +239,6 @@ def roofline(c: OrionConfig, args) -> list[dict]:
     rows = []
     for threads in args.roofline_threads:
         torch.set_num_threads(threads)
-        torch._dynamo.reset()  # compiled CPU code is specialised to the thread count
         runs = {}  # (dtype, way) -> generate(n)
         for dtype, model in models.items():
             for way in ("eager", "compiled") if args.compile else ("eager",):

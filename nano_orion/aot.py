@@ -23,6 +23,7 @@ model quantized in place, say); weights changed in place are read as they now ar
 
 import tempfile
 import warnings
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -98,15 +99,16 @@ def aot_decode_step(model):
     the model's parameters."""
     libraries = {}  # (batch_size, padded, threads, parameters_of(model)) -> library
     library = None  # the library of the generation under way
-    generation = None  # that generation's pos tensor, which it advances in place
+    last_pos = None  # a weak reference to that generation's pos, which it advances in place
 
     def step(next_id, cache, pos, pad_mask):
-        nonlocal library, generation
-        if pos is not generation:  # a generation's first step: which library fits it
-            key = (next_id.shape[0], pad_mask is not None, torch.get_num_threads(), parameters_of(model))
+        nonlocal library, last_pos
+        if last_pos is None or last_pos() is not pos:  # a generation's first step: which library fits it
+            batch_size, padded = next_id.shape[0], pad_mask is not None
+            key = (batch_size, padded, torch.get_num_threads(), parameters_of(model))
             if key not in libraries:
-                libraries[key] = compile_library(model, next_id.shape[0], pad_mask is not None)
-            library, generation = libraries[key], pos
+                libraries[key] = compile_library(model, batch_size, padded)
+            library, last_pos = libraries[key], weakref.ref(pos)
         inputs = [next_id, pos, *([] if pad_mask is None else [pad_mask])]
         inputs += [t for layer in cache for t in (layer.k, layer.v)]
         logits, *routing = library.loader.boxed_run(inputs)  # the flat inputs straight to the library
